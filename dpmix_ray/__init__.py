@@ -1,0 +1,1 @@
+"""dpmix-ray: privacy-budgeted DP-Mix recipe search."""

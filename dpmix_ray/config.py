@@ -1,0 +1,367 @@
+"""Every config schema, its YAML loading, ``--set`` overrides and all validation, in one place.
+
+Schemas are frozen pydantic models with ``extra="forbid"``, so an unknown or misspelt key is an
+error, never silently ignored. Errors surface as :class:`ConfigError` with one line naming the
+dotted key. Checks that need the data (δ < 1/N) live here too, in :func:`check_against_dataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dpmix_ray.errors import ConfigError
+
+Method = Literal["nonprivate", "dpsgd", "augmult", "dpmix_self", "dpmix_diff"]
+PRIVATE_METHODS: tuple[str, ...] = ("dpsgd", "augmult", "dpmix_self", "dpmix_diff")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Strict):
+    """Which labelled images, and the deterministic train/val/test split.
+
+    ``name``: ``digits`` | ``mnist5k`` (offline, shipped in packages) | ``cifar10`` | ``cifar100`` |
+    ``eurosat`` | ``svhn`` (torchvision, under ``root``) | ``imagefolder:<dir>`` | ``parquet:<file>`` |
+    ``npz:<file>``.
+    """
+
+    name: str = "mnist5k"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    split_seed: int = 0
+    limit: int | None = Field(None, ge=10, description="use only the first `limit` training examples")
+
+
+class ModelConfig(_Strict):
+    """``cnn`` | ``wrn16_4`` | a torchvision backbone (``resnet18``, ``vit_b_16``) with a linear head."""
+
+    name: str = "cnn"
+    weights: str | None = None
+    train: Literal["full", "head"] = "full"
+
+
+class SynthConfig(_Strict):
+    """A synthetic set from a diffusion model that never saw the private data."""
+
+    model: str = "digits-ddpm"
+    classes: list[str] | None = None
+    prompt: str = "a photo of a {label}"
+    images_per_class: int = Field(100, gt=0)
+    image_size: int = Field(28, ge=4)
+    channels: Literal[1, 3] = 1
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(7.5, ge=0.0)
+    seed: int = 0
+    workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(16, ge=1)
+    out: str | None = None
+    revision: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_label(cls, v: str) -> str:
+        if "{label}" not in v:
+            raise ValueError("prompt template must contain '{label}'")
+        return v
+
+
+class MixConfig(_Strict):
+    """The per-example group: K self-augmentations, m self-mixups, n diffusion-mixups."""
+
+    aug_multiplicity: int = Field(8, ge=1)
+    self_mix: int = Field(4, ge=0)
+    diff_mix: int = Field(0, ge=0)
+    alpha: float = Field(0.2, gt=0.0)
+    synthetic: str | None = Field(None, description="a Parquet/npz path, or 'synth' for the config's synth section")
+    diff_pairing: Literal["same_class", "any"] = "any"
+    crop_padding: int = Field(4, ge=0)
+    flip: bool | None = Field(None, description="horizontal flip; null = the dataset's default (off for digits)")
+
+    @property
+    def group_size(self) -> int:
+        return self.aug_multiplicity + self.self_mix + self.diff_mix
+
+
+class PrivacyConfig(_Strict):
+    epsilon: float = Field(2.0, gt=0.0)
+    delta: float = Field(1.0e-5, gt=0.0, lt=1.0)
+    clip_norm: float = Field(1.0, gt=0.0)
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class OptimConfig(_Strict):
+    batch_size: int = Field(256, ge=1, description="expected (Poisson) logical batch size B = q·N")
+    epochs: float | None = Field(20.0, gt=0.0)
+    lr: float = Field(2.0, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    physical_batch_size: int | None = Field(
+        None, ge=1, description="augmented images per forward/backward chunk; null = choose from memory_cap_mb"
+    )
+    memory_cap_mb: int = Field(2048, ge=64)
+
+
+class TrainConfig(_Strict):
+    method: Method = "dpmix_self"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    mix: MixConfig = MixConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    optim: OptimConfig = OptimConfig()
+    synth: SynthConfig | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _method_counts(self) -> "TrainConfig":
+        k, m, n = self.mix.aug_multiplicity, self.mix.self_mix, self.mix.diff_mix
+        rules = {
+            "dpsgd": (k == 1 and m == 0 and n == 0, "method dpsgd needs mix.aug_multiplicity=1, mix.self_mix=0, mix.diff_mix=0 (use augmult for K>1)"),
+            "augmult": (m == 0 and n == 0, "method augmult needs mix.self_mix=0 and mix.diff_mix=0 (use dpmix_self / dpmix_diff)"),
+            "dpmix_self": (n == 0, "method dpmix_self needs mix.diff_mix=0 (use dpmix_diff)"),
+            "dpmix_diff": (n > 0, "method dpmix_diff needs mix.diff_mix >= 1"),
+        }
+        ok, msg = rules.get(self.method, (True, ""))
+        if not ok:
+            raise ValueError(msg)
+        if m > 0 and k < 2:
+            raise ValueError("mix.self_mix > 0 mixes two distinct self-augmentations: it needs mix.aug_multiplicity >= 2")
+        if n > 0 and self.mix.synthetic is None:
+            raise ValueError("mix.diff_mix > 0 (dpmix_diff) needs mix.synthetic: a Parquet/npz path or 'synth'")
+        if self.mix.synthetic == "synth" and self.synth is None:
+            raise ValueError("mix.synthetic: 'synth' needs a synth section in the same config")
+        if self.method != "nonprivate" and self.privacy.noise_multiplier is not None and self.optim.epochs is not None:
+            raise ValueError(
+                "privacy.noise_multiplier and optim.epochs are both set: give one (set the other to null), "
+                "the planner derives it from the budget"
+            )
+        if self.method != "nonprivate" and self.privacy.noise_multiplier is None and self.optim.epochs is None:
+            raise ValueError("optim.epochs is null and privacy.noise_multiplier is null: give one of them")
+        if self.method == "nonprivate" and self.optim.epochs is None:
+            raise ValueError("optim.epochs: method nonprivate needs an epoch count")
+        return self
+
+    @property
+    def is_private(self) -> bool:
+        return self.method != "nonprivate"
+
+
+# --------------------------------------------------------------------------- sweeps
+
+Distribution = dict[str, list[Any]]
+_DIST_KINDS = ("loguniform", "uniform", "int", "choice")
+
+
+class SearchConfig(_Strict):
+    sampler: Literal["tpe", "random"] = "tpe"
+    trials_per_epsilon: int = Field(24, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    seed: int = 0
+    scheduler: Literal["asha"] | None = None
+
+
+class ResourcesConfig(_Strict):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class FinalConfig(_Strict):
+    seeds: int = Field(3, ge=0)
+
+
+class SweepConfig(_Strict):
+    name: str = "sweep"
+    base: TrainConfig = TrainConfig()
+    epsilons: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0], min_length=1)
+    delta: float = Field(1.0e-5, gt=0.0, lt=1.0)
+    space: dict[str, Distribution] = Field(default_factory=dict)
+    search: SearchConfig = SearchConfig()
+    tuning_privacy: Literal["per_trial", "repeat_and_select"] = "per_trial"
+    resources: ResourcesConfig = ResourcesConfig()
+    final: FinalConfig = FinalConfig()
+    baselines: list[Method] = Field(default_factory=list)
+    synth: SynthConfig | None = None
+
+    @field_validator("epsilons")
+    @classmethod
+    def _positive_eps(cls, v: list[float]) -> list[float]:
+        for e in v:
+            if not e > 0:
+                raise ValueError(f"every epsilon must be > 0 (got {e})")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, Distribution]) -> dict[str, Distribution]:
+        for key, dist in v.items():
+            _check_path(TrainConfig, key)
+            _check_distribution(key, dist)
+        if "privacy.noise_multiplier" in v and "optim.epochs" in v:
+            raise ValueError(
+                "space searches both privacy.noise_multiplier and optim.epochs: search at most one, "
+                "the planner derives the other"
+            )
+        return v
+
+
+def _check_path(model: type[BaseModel], dotted: str) -> None:
+    """Refuse a dotted path that is not a leaf field of ``model``."""
+    node: Any = model
+    for part in dotted.split("."):
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            raise ValueError(f"space: unknown config path '{dotted}'")
+        ann = fields[part].annotation
+        node = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+
+
+def _check_distribution(key: str, dist: Distribution) -> None:
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in _DIST_KINDS:
+        raise ValueError(f"space.{key}: give exactly one of {', '.join(_DIST_KINDS)}, e.g. {{uniform: [0.5, 4]}}")
+    kind, args = next(iter(dist.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"space.{key}: choice needs a non-empty list")
+        return
+    if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) for a in args):
+        raise ValueError(f"space.{key}: {kind} needs [low, high]")
+    low, high = args
+    if not low < high:
+        raise ValueError(f"space.{key}: empty or inverted range [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"space.{key}: loguniform needs low > 0 (got {low})")
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise ValueError(f"space.{key}: int needs integer bounds")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = first.get("input")
+    shown = "" if first["type"] in ("extra_forbidden", "value_error") or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{where}: {loc + ': ' if loc else ''}{msg}{shown}"
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["privacy.epsilon=2", "mix.aug_multiplicity=8"]`` → ``{"privacy.epsilon": 2, ...}`` (YAML-typed values)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. privacy.epsilon=2")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted ``overrides`` set (intermediate mappings are created)."""
+    out = json.loads(json.dumps(raw)) if raw else {}
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {dotted}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of config keys")
+    return data
+
+
+def _build(schema: type[_Strict], raw: dict[str, Any], where: str) -> Any:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where)) from None
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The embedded default when ``path`` is None; otherwise YAML, then ``--set`` overrides, validated once."""
+    raw = read_yaml(path) if path is not None else {}
+    return _build(TrainConfig, apply_overrides(raw, parse_overrides(overrides)), str(path or "config"))
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """A sweep YAML; ``base`` may be inline or a path to a train config (relative to the sweep file)."""
+    raw = apply_overrides(read_yaml(path), parse_overrides(overrides))
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = Path(base) if Path(base).is_absolute() else Path(path).parent / base
+        raw["base"] = read_yaml(base_path)
+    raw.setdefault("name", Path(path).stem)
+    return _build(SweepConfig, raw, str(path))
+
+
+def load_synth_config(path: str | Path, overrides: list[str] | None = None) -> SynthConfig:
+    """The ``synth:`` section of any config file (a synth, train or sweep config)."""
+    raw = apply_overrides(read_yaml(path), parse_overrides(overrides))
+    section = raw.get("synth")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: no synth section (expected a 'synth:' mapping)")
+    return _build(SynthConfig, section, f"{path}: synth")
+
+
+def with_updates(cfg: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
+    """A new validated TrainConfig with dotted ``updates`` applied (used by sweeps for sampled values)."""
+    return _build(TrainConfig, apply_overrides(cfg.model_dump(mode="json"), updates), "trial config")
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """A stable short hash of a config's canonical JSON (cache keys, resume checks)."""
+    canon = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def check_against_dataset(cfg: TrainConfig, n_train: int) -> None:
+    """Checks that need the training-set size N."""
+    if cfg.is_private and cfg.privacy.delta >= 1.0 / n_train:
+        raise ConfigError(
+            f"privacy.delta: {cfg.privacy.delta:g} is not < 1/N = {1.0 / n_train:.3g} for N={n_train} training "
+            "examples (a δ that large permits leaking a whole example)"
+        )
+    if cfg.optim.batch_size > n_train:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} exceeds the {n_train} training examples")
+    if cfg.optim.epochs is not None and not math.isfinite(cfg.optim.epochs):
+        raise ConfigError("optim.epochs: must be finite")
