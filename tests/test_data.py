@@ -1,0 +1,293 @@
+"""Datasets, deterministic splits and the Parquet/npz image format."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dpmix_ray import data as data_mod
+from dpmix_ray.config import DataConfig
+from dpmix_ray.data import (
+    images_to_table,
+    load_splits,
+    read_labelled_images,
+    table_to_images,
+    write_labelled_images,
+)
+from dpmix_ray.errors import ConfigError, DataError
+
+
+def _id_images(n: int, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """n distinct 1×4×4 uint8 images whose first two pixels encode the index, labels cycling."""
+    x = np.zeros((n, 1, 4, 4), dtype=np.uint8)
+    x[:, 0, 0, 0] = np.arange(n) % 256
+    x[:, 0, 0, 1] = np.arange(n) // 256
+    return x, np.arange(n) % classes
+
+
+def _ids(x: torch.Tensor) -> set[int]:
+    u8 = torch.round(x * 255).long()
+    return set((u8[:, 0, 0, 0] + 256 * u8[:, 0, 0, 1]).tolist())
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+    return load_splits(DataConfig(name="digits"))
+
+
+def test_digits_loads_offline(digits_splits):
+    s = digits_splits
+    assert (s.channels, s.image_size, s.num_classes) == (1, 8, 10)
+    assert s.class_names == [str(i) for i in range(10)]
+    assert len(s.train) + len(s.val) + len(s.test) == 1797
+    assert len(s.test) == round(0.2 * 1797) and len(s.val) == round(0.1 * 1797)
+    assert s.train.x.dtype == torch.float32 and s.train.y.dtype == torch.int64
+    assert s.train.x.min() == 0.0 and s.train.x.max() == 1.0
+    assert s.hflip_safe is False
+    assert set(s.test.y.tolist()) == set(range(10)), "stratified: every class in test"
+
+
+def test_mnist5k_loads_offline():
+    s = load_splits(DataConfig(name="mnist5k", limit=100))
+    assert (s.channels, s.image_size, s.num_classes, s.hflip_safe) == (1, 28, 10, False)
+    assert (len(s.train), len(s.val), len(s.test)) == (100, 500, 1000)
+    assert 0.0 == s.val.x.min() and s.val.x.max() == 1.0
+    assert torch.bincount(s.test.y).tolist() == [100] * 10
+    assert torch.bincount(s.train.y).tolist() == [10] * 10, "a limit prefix keeps the class balance"
+
+
+def test_split_deterministic_disjoint_and_complete(tmp_path):
+    x, y = _id_images(300)
+    write_labelled_images(tmp_path / "ids.npz", x, y, ["a", "b", "c", "d"])
+    cfg = DataConfig(name=f"npz:{tmp_path / 'ids.npz'}", split_seed=3)
+    a, b = load_splits(cfg), load_splits(cfg)
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(a, part).x, getattr(b, part).x)
+        assert torch.equal(getattr(a, part).y, getattr(b, part).y)
+    tr, va, te = _ids(a.train.x), _ids(a.val.x), _ids(a.test.x)
+    assert not (tr & va or tr & te or va & te)
+    assert tr | va | te == set(range(300))
+    assert (len(te), len(va)) == (60, 30)
+    for part in (a.train, a.val, a.test):  # labels still belong to their images
+        ids = torch.tensor(sorted(_ids(part.x)))
+        assert torch.equal(torch.sort(part.y).values, torch.sort(ids % 4).values)
+    other = load_splits(cfg.model_copy(update={"split_seed": 4}))
+    assert _ids(other.test.x) != te
+
+
+def test_limit_keeps_train_prefix_only(tmp_path):
+    x, y = _id_images(200)
+    write_labelled_images(tmp_path / "ids.npz", x, y, ["a", "b", "c", "d"])
+    full = load_splits(DataConfig(name=f"npz:{tmp_path / 'ids.npz'}"))
+    small = load_splits(DataConfig(name=f"npz:{tmp_path / 'ids.npz'}", limit=20))
+    assert len(small.train) == 20
+    assert torch.equal(small.train.x, full.train.x[:20])
+    assert torch.equal(small.val.x, full.val.x) and torch.equal(small.test.x, full.test.x)
+    huge = load_splits(DataConfig(name=f"npz:{tmp_path / 'ids.npz'}", limit=10_000))
+    assert len(huge.train) == len(full.train)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_parquet_round_trip_bit_exact_and_plain_pyarrow(tmp_path, channels):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(7, channels, 5, 6), dtype=np.uint8)
+    y = np.array([0, 2, 0, 2, 2, 0, 0])
+    names = ["zero", "one (empty)", "two"]
+    path = tmp_path / "set.parquet"
+    write_labelled_images(path, x, y, names)
+
+    xr, yr, nr = read_labelled_images(path)
+    assert nr == names, "an empty class survives via the schema metadata"
+    assert xr.dtype == torch.float32 and yr.dtype == torch.int64
+    assert np.array_equal(torch.round(xr * 255).to(torch.uint8).numpy(), x)
+    assert yr.tolist() == y.tolist()
+
+    table = pq.read_table(path)  # plain pyarrow, no project code
+    assert table.column_names == ["image", "label", "label_name"]
+    assert json.loads(table.schema.metadata[b"dpmix.class_names"]) == names
+    assert table.column("label_name").to_pylist() == [names[i] for i in y]
+    first = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py())))
+    assert np.array_equal(first, x[0, 0] if channels == 1 else x[0].transpose(1, 2, 0))
+
+    again = tmp_path / "again.parquet"
+    write_labelled_images(again, torch.from_numpy(x).float() / 255, torch.from_numpy(y), names)
+    assert again.read_bytes() == path.read_bytes(), "deterministic bytes (float input rounds back to the same uint8)"
+
+
+def test_table_without_metadata_takes_names_from_label_name():
+    table = images_to_table(np.zeros((2, 3, 3), np.uint8), np.array([1, 0]), ["cat", "dog"])
+    x, y, names = table_to_images(table.replace_schema_metadata(None))
+    assert names == ["cat", "dog"] and y.tolist() == [1, 0] and x.shape == (2, 1, 3, 3)
+
+
+def test_parquet_directory_reads_as_one_set(tmp_path):
+    x, y = _id_images(10)
+    write_labelled_images(tmp_path / "d" / "b.parquet", x[5:], y[5:], list("abcd"))
+    write_labelled_images(tmp_path / "d" / "a.parquet", x[:5], y[:5], list("abcd"))
+    xr, yr, names = read_labelled_images(tmp_path / "d")
+    assert sorted(_ids(xr)) == list(range(10)) and _ids(xr[:5]) == set(range(5))
+    assert names == list("abcd") and yr.tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhw", "nhwc"])
+def test_npz_round_trip(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(4, 3 if layout != "nhw" else 1, 6, 6), dtype=np.uint8)
+    stored = {"nchw": x, "nhw": x[:, 0], "nhwc": x.transpose(0, 2, 3, 1)}[layout]
+    np.savez(tmp_path / "s.npz", x=stored, y=np.array([0, 1, 1, 0]))  # written by hand: no class_names
+    xr, yr, names = read_labelled_images(tmp_path / "s.npz")
+    assert np.array_equal(torch.round(xr * 255).to(torch.uint8).numpy(), x)
+    assert yr.tolist() == [0, 1, 1, 0] and names == ["0", "1"]
+
+    write_labelled_images(tmp_path / "w.npz", x, [0, 1, 1, 0], ["u", "v", "w"])
+    xw, yw, nw = read_labelled_images(tmp_path / "w.npz")
+    assert torch.equal(xw, xr) and nw == ["u", "v", "w"]
+    assert not list(tmp_path.glob(".*tmp")), "no temporary file left behind"
+
+
+def test_digit_named_files_default_to_no_flip(tmp_path):
+    x, y = _id_images(40, classes=10)
+    write_labelled_images(tmp_path / "d.npz", x, y, [str(i) for i in range(10)])
+    write_labelled_images(tmp_path / "n.npz", x, y, [f"c{i}" for i in range(10)])
+    assert load_splits(DataConfig(name=f"npz:{tmp_path / 'd.npz'}")).hflip_safe is False
+    assert load_splits(DataConfig(name=f"npz:{tmp_path / 'n.npz'}")).hflip_safe is True
+
+
+def _one_line_error(exc_info, *needles: str) -> None:
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_corrupt_parquet_is_data_error(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"this is not parquet at all\n" * 10)
+    with pytest.raises(DataError) as e:
+        read_labelled_images(bad)
+    _one_line_error(e, str(bad), "not a readable Parquet file")
+    with pytest.raises(DataError):
+        load_splits(DataConfig(name=f"parquet:{bad}"))
+
+
+def test_corrupt_npz_and_bad_png_are_data_errors(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DataError) as e:
+        read_labelled_images(bad)
+    _one_line_error(e, str(bad))
+    np.savez(tmp_path / "nox.npz", y=np.zeros(3))
+    with pytest.raises(DataError) as e:
+        read_labelled_images(tmp_path / "nox.npz")
+    _one_line_error(e, "no array 'x'")
+    table = images_to_table(np.zeros((1, 2, 2), np.uint8), np.array([0]), ["a"])
+    broken = table.set_column(0, "image", pa.array([b"\x89PNG broken"], type=pa.binary()))
+    with pytest.raises(DataError) as e:
+        table_to_images(broken)
+    _one_line_error(e, "PNG")
+
+
+def test_missing_files_are_data_errors(tmp_path):
+    for name in (f"parquet:{tmp_path / 'nope.parquet'}", f"npz:{tmp_path / 'nope.npz'}", f"imagefolder:{tmp_path / 'nope'}"):
+        with pytest.raises(DataError) as e:
+            load_splits(DataConfig(name=name))
+        _one_line_error(e, "nope")
+
+
+def test_labels_out_of_range_refused(tmp_path):
+    with pytest.raises(DataError) as e:
+        write_labelled_images(tmp_path / "x.parquet", np.zeros((2, 2, 2), np.uint8), [0, 5], ["a", "b"])
+    _one_line_error(e, "labels")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_unknown_dataset_is_config_error():
+    with pytest.raises(ConfigError) as e:
+        load_splits(DataConfig(name="mnist_full"))
+    _one_line_error(e, "data.name", "'mnist_full'", "digits")
+
+
+def _write_png(path: Path, size: tuple[int, int], mode: str, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, 255 - value, 7)).save(path)
+
+
+def test_imagefolder_square_and_channels(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(6):
+        _write_png(root / "cat" / f"{i}.png", (12, 10) if i % 2 else (10, 10), "RGB", 20 * i)
+        _write_png(root / "dog" / f"{i}.png", (10, 14), "RGB", 200)
+    s = load_splits(DataConfig(name=f"imagefolder:{root}", val_fraction=0.2, test_fraction=0.2))
+    assert s.class_names == ["cat", "dog"] and s.num_classes == 2
+    assert (s.channels, s.image_size) == (3, 10)
+    assert s.hflip_safe is True
+    assert len(s.train) + len(s.val) + len(s.test) == 12
+    assert len(s.val) == round(0.2 * 12) and len(s.test) == round(0.2 * 12)
+    all_x = torch.cat([s.train.x, s.val.x, s.test.x])
+    all_y = torch.cat([s.train.y, s.val.y, s.test.y])
+    dog = all_x[all_y == 1]
+    assert torch.allclose(dog[:, 0], torch.full_like(dog[:, 0], 200 / 255), atol=1 / 255)
+
+    grey = tmp_path / "grey"
+    for i in range(5):
+        _write_png(grey / "a" / f"{i}.png", (9, 9), "L", 3 * i)
+        _write_png(grey / "b" / f"{i}.png", (9, 9), "L", 100)
+    g = load_splits(DataConfig(name=f"imagefolder:{grey}"))
+    assert (g.channels, g.image_size) == (1, 9)
+
+
+def test_torchvision_dataset_missing_root_is_data_error(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(name="cifar10", root=str(tmp_path / "empty")))
+    _one_line_error(e, "cifar10: not found under", str(tmp_path / "empty"), "data.download=true")
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(name="svhn"))
+    _one_line_error(e, "svhn", "data.root")
+
+
+def test_eurosat_local_copy_loads(tmp_path):
+    """EuroSAT is an ImageFolder under root/eurosat/2750: a tiny local copy runs the real loading path."""
+    base = tmp_path / "eurosat" / "2750"
+    for i in range(5):
+        _write_png(base / "Forest" / f"{i}.png", (8, 8), "RGB", 50)
+        _write_png(base / "River" / f"{i}.png", (8, 8), "RGB", 150)
+    s = load_splits(DataConfig(name="eurosat", root=str(tmp_path)))
+    assert s.class_names == ["Forest", "River"] and (s.channels, s.image_size) == (3, 8) and s.hflip_safe
+
+
+def test_official_test_split_is_kept(monkeypatch):
+    """CIFAR keeps its official test set and carves val from train (dataset class faked in memory)."""
+    import torchvision.datasets as tvd
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            n = 50 if train else 20
+            self.data = np.full((n, 32, 32, 3), 1 if train else 2, dtype=np.uint8)
+            self.targets = [i % 10 for i in range(n)]
+            self.classes = [f"k{i}" for i in range(10)]
+
+    monkeypatch.setattr(tvd, "CIFAR10", FakeCIFAR10)
+    s = load_splits(DataConfig(name="cifar10", root="/unused", val_fraction=0.2))
+    assert len(s.test) == 20 and torch.all(s.test.x == 2 / 255)
+    assert (len(s.train), len(s.val)) == (40, 10) and torch.all(s.val.x == 1 / 255)
+    assert (s.channels, s.image_size, s.hflip_safe) == (3, 32, True)
+
+
+def test_too_small_dataset_is_data_error(tmp_path):
+    write_labelled_images(tmp_path / "one.npz", np.zeros((1, 2, 2), np.uint8), [0], ["a"])
+    with pytest.raises(DataError) as e:
+        load_splits(DataConfig(name=f"npz:{tmp_path / 'one.npz'}"))
+    _one_line_error(e, "too few")
+
+
+def test_imageset_checks_shapes():
+    with pytest.raises(ValueError):
+        data_mod.ImageSet(torch.zeros(3, 1, 2, 2), torch.zeros(2, dtype=torch.long))
