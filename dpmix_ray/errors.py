@@ -15,3 +15,7 @@ class BudgetError(DPMixError):
 
 class DataError(DPMixError):
     """Data or a model is missing, unreadable or inconsistent (missing files, corrupt Parquet, offline hub)."""
+
+
+class DivergedError(DPMixError):
+    """Training produced a non-finite loss; a sweep records the trial as failed and goes on."""

@@ -1,0 +1,171 @@
+"""``dpmix-ray``: train | plan | synth | sweep | report | check-cluster.
+
+Every user-facing failure (DPMixError) is printed as one line on stderr with exit code 2, before
+anything is written. Heavy imports (torch models, Ray, diffusers) happen inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from dpmix_ray.errors import ConfigError, DPMixError
+
+
+def _print_json(obj: dict) -> None:
+    print(json.dumps(obj, default=str, allow_nan=True), flush=True)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dpmix_ray.config import load_train_config
+    from dpmix_ray.trainer import train
+
+    cfg = load_train_config(args.config, args.set)
+    result = train(cfg, progress=not args.json)
+    if not args.json:
+        shown = {k: v for k, v in result.items() if k != "config"}
+        width = max(len(k) for k in shown)
+        for k, v in shown.items():
+            print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}", file=sys.stderr)
+    _print_json({k: v for k, v in result.items() if k != "config"} | {"config": result["config"]})
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from dpmix_ray.privacy import calibrate_noise, epsilon_spent, max_steps
+
+    if not 0 < args.sample_rate <= 1:
+        raise ConfigError(f"--sample-rate: must be in (0, 1] (got {args.sample_rate})")
+    if not args.epsilon > 0:
+        raise ConfigError(f"--epsilon: must be > 0 (got {args.epsilon})")
+    if not 0 < args.delta < 1:
+        raise ConfigError(f"--delta: must be in (0, 1) (got {args.delta})")
+    q, acct = args.sample_rate, args.accountant
+    if args.noise_multiplier is not None:
+        if not args.noise_multiplier > 0:
+            raise ConfigError("--noise-multiplier: must be > 0")
+        sigma = args.noise_multiplier
+        steps = max_steps(epsilon=args.epsilon, delta=args.delta, sample_rate=q, noise_multiplier=sigma, accountant=acct)
+    else:
+        steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+        if steps < 1:
+            raise ConfigError("--steps/--epochs: must give at least one step")
+        sigma = calibrate_noise(epsilon=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=acct)
+    spent = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta, accountant=acct)
+    out = {"noise_multiplier": sigma, "steps": steps, "epochs": steps * q, "sample_rate": q, "epsilon_target": args.epsilon,
+           "epsilon_spent": spent, "delta": args.delta, "accountant": acct}
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"σ = {sigma:.4f}, {steps} steps ({steps * q:.2f} epochs) at q = {q:.4g}: "
+              f"ε_spent = {spent:.4f} ≤ {args.epsilon:g} (δ = {args.delta:g}, {acct})")
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from dpmix_ray.config import load_synth_config
+    from dpmix_ray.synth import generate
+
+    cfg = load_synth_config(args.config, args.set)
+    path = generate(cfg, progress=not args.json)
+    _print_json({"synthetic_set": str(path)})
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from dpmix_ray.config import load_sweep_config
+    from dpmix_ray.sweep import run_sweep
+
+    cfg = load_sweep_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("results") / cfg.name
+    print(run_sweep(cfg, out=out, resume=args.resume, address=args.address))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from dpmix_ray.report import build_report
+
+    out = Path(args.dir)
+    if not out.is_dir():
+        raise ConfigError(f"{out}: no such sweep output directory")
+    build_report(out)
+    print(out / "report.html")
+
+
+def cmd_check_cluster(args: argparse.Namespace) -> None:
+    from dpmix_ray.cluster import check_cluster
+
+    for line in check_cluster(Path(args.config)):
+        print(line)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="dpmix-ray", description="Privacy-budgeted DP-Mix recipe search.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    def with_set(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. privacy.epsilon=2")
+
+    t = sub.add_parser("train", help="train one config (the embedded default when CONFIG is omitted)")
+    t.add_argument("config", nargs="?", default=None)
+    with_set(t)
+    t.add_argument("--json", action="store_true", help="no progress bar or summary; only the JSON result line")
+    t.set_defaults(fn=cmd_train)
+
+    pl = sub.add_parser("plan", help="calibrate σ (or the step count) for a privacy budget")
+    pl.add_argument("--epsilon", type=float, required=True)
+    pl.add_argument("--delta", type=float, required=True)
+    pl.add_argument("--sample-rate", type=float, required=True)
+    g = pl.add_mutually_exclusive_group(required=True)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--noise-multiplier", type=float)
+    pl.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("synth", help="generate (or reuse) a diffusion synthetic set with Ray Data")
+    s.add_argument("config")
+    with_set(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_synth)
+
+    sw = sub.add_parser("sweep", help="Ray Tune + Optuna search per ε")
+    sw.add_argument("config")
+    with_set(sw)
+    sw.add_argument("--resume", action="store_true")
+    sw.add_argument("--address", default=None, help="auto | ray://host:port (default: a local Ray)")
+    sw.add_argument("--out", default=None, help="output dir (default results/<sweep name>)")
+    sw.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("report", help="rebuild tables, plot and report.html of a sweep output dir")
+    r.add_argument("dir")
+    r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("check-cluster", help="validate a Ray cluster YAML offline")
+    c.add_argument("config")
+    c.set_defaults(fn=cmd_check_cluster)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except DPMixError as e:
+        print(f"dpmix-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpmix-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The group construction: shapes, label arithmetic, distinct self-augmentations, determinism."""
+
+import numpy as np
+import torch
+
+from dpmix_ray.mix import SyntheticPool, build_groups, self_augment
+
+
+def test_self_augment_crops_are_shifted_copies_and_deterministic():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    a = self_augment(x, 5, padding=0, flip=False, rng=np.random.default_rng(0))
+    assert a.shape == (2, 5, 1, 6, 6)
+    assert torch.equal(a, x[:, None].expand_as(a))  # no padding, no flip: identity
+    b1 = self_augment(x, 5, padding=2, flip=True, rng=np.random.default_rng(1))
+    b2 = self_augment(x, 5, padding=2, flip=True, rng=np.random.default_rng(1))
+    assert torch.equal(b1, b2)
+    # every crop is a window of the reflect-padded image (possibly flipped)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for bi in range(2):
+        for ki in range(5):
+            crop = b1[bi, ki, 0]
+            windows = [padded[bi, 0, r : r + 6, c : c + 6] for r in range(5) for c in range(5)]
+            assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
+
+
+def test_groups_shapes_labels_and_mixing():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2])
+    pool = SyntheticPool.from_tensors(torch.rand(6, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    imgs, tgts = build_groups(x, y, num_classes=3, k=4, m=3, n=2, alpha=0.5, padding=1, flip=False,
+                              rng=np.random.default_rng(0), synthetic=pool, same_class=True)
+    assert imgs.shape == (3, 9, 1, 8, 8) and tgts.shape == (3, 9, 3)
+    torch.testing.assert_close(tgts.sum(-1), torch.ones(3, 9))
+    assert torch.equal(tgts[:, :7].argmax(-1), y[:, None].expand(3, 7))  # self-augs and self-mixups keep y
+    # same-class diffusion-mixups keep a one-hot label of the example's class
+    torch.testing.assert_close(tgts[:, 7:], torch.nn.functional.one_hot(y, 3)[:, None].float().expand(3, 2, 3))
+
+
+def test_diffusion_mixup_soft_label_matches_the_pixel_weights():
+    x, y = torch.zeros(1, 1, 4, 4), torch.tensor([0])
+    pool = SyntheticPool.from_tensors(torch.ones(1, 1, 4, 4), torch.tensor([1]), 2)
+    imgs, tgts = build_groups(x, y, num_classes=2, k=1, m=0, n=5, alpha=1.0, padding=0, flip=False,
+                              rng=np.random.default_rng(0), synthetic=pool)
+    lam_pixels = 1 - imgs[0, 1:].mean(dim=(1, 2, 3))  # image = λ·0 + (1−λ)·1
+    torch.testing.assert_close(tgts[0, 1:, 0], lam_pixels)
+    torch.testing.assert_close(tgts[0, 1:, 1], 1 - lam_pixels)
+
+
+def test_self_mixup_uses_two_distinct_augmentations():
+    """With K=2 distinct, non-overlapping self-augs, a mixup is never a lone augmentation."""
+    x = torch.rand(50, 1, 8, 8)
+    imgs, _ = build_groups(x, torch.zeros(50, dtype=torch.long), num_classes=2, k=2, m=1, n=0, alpha=0.2,
+                           padding=3, flip=True, rng=np.random.default_rng(0))
+    a0, a1, mixed = imgs[:, 0], imgs[:, 1], imgs[:, 2]
+    distinct = (a0 - a1).abs().amax(dim=(1, 2, 3)) > 1e-6
+    # mixed = λ a_i + (1−λ) a_j with {i, j} = {0, 1}: it lies on the segment between a0 and a1
+    d = (a0 - a1)[distinct].flatten(1)
+    lam = ((mixed - a1)[distinct].flatten(1) * d).sum(1) / (d * d).sum(1)
+    torch.testing.assert_close(mixed[distinct], lam[:, None, None, None] * a0[distinct] + (1 - lam[:, None, None, None]) * a1[distinct], rtol=1e-4, atol=1e-5)
