@@ -86,7 +86,7 @@ class MixConfig(_Strict):
     alpha: float = Field(0.2, gt=0.0)
     synthetic: str | None = Field(None, description="a Parquet/npz path, or 'synth' for the config's synth section")
     diff_pairing: Literal["same_class", "any"] = "any"
-    crop_padding: int = Field(4, ge=0)
+    crop_padding: int | None = Field(None, ge=0, description="reflect-pad before random crops; null = image_size // 8 (4 on 32×32)")
     flip: bool | None = Field(None, description="horizontal flip; null = the dataset's default (off for digits)")
 
     @property
@@ -171,6 +171,12 @@ class SearchConfig(_Strict):
     max_concurrent: int | None = Field(None, ge=1)
     seed: int = 0
     scheduler: Literal["asha"] | None = None
+    trials_shape: float | None = Field(
+        None,
+        ge=0.0,
+        description="repeat_and_select only: the trial count is truncated negative binomial with this shape η "
+        "(1 = geometric, 0 = logarithmic) and mean trials_per_epsilon; null = Poisson",
+    )
 
 
 class ResourcesConfig(_Strict):

@@ -8,6 +8,7 @@ privacy plan (σ or step count) is fixed before the first step, and a run over b
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -127,9 +128,10 @@ def train(
         start_step, images_seen, train_seconds = resume_state["step"], resume_state["images"], resume_state["seconds"]
 
     flip = cfg.mix.flip if cfg.mix.flip is not None else splits.hflip_safe
+    padding = cfg.mix.crop_padding if cfg.mix.crop_padding is not None else max(1, splits.image_size // 8)
     mix_kwargs = dict(
         num_classes=splits.num_classes, k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix, n=cfg.mix.diff_mix,
-        alpha=cfg.mix.alpha, padding=cfg.mix.crop_padding, flip=flip, synthetic=pool,
+        alpha=cfg.mix.alpha, padding=padding, flip=flip, synthetic=pool,
         same_class=cfg.mix.diff_pairing == "same_class",
     )
     chunk = examples_per_chunk(cfg, model, tuple(splits.train.x.shape[1:]))
@@ -147,11 +149,12 @@ def train(
         return perm[pos : pos + cfg.optim.batch_size]
 
     def state() -> dict[str, Any]:
-        return {
+        """A deep copy: training goes on mutating the live tensors."""
+        return copy.deepcopy({
             "plan": plan.as_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "sampler": sampler.get_state(),
             "noise": noise_gen.get_state(), "step": step + 1, "images": images_seen, "seconds": train_seconds,
-        }
+        })
 
     bar = tqdm(total=plan.steps, initial=start_step, disable=not progress, desc=cfg.method, unit="step", dynamic_ncols=True)
     loss_sum, loss_count = 0.0, 0
