@@ -1,0 +1,457 @@
+"""The sweep driver: one Ray Tune experiment holding every (method, ε) study.
+
+Why one Tuner and not one per ε: a single Tune controller sees every pending trial of every ε, so
+whenever a trial slot frees up anywhere on the cluster the next trial of *any* study takes it (no
+ε waits for another, no slot idles at a study's tail), actors are reused across studies, and there
+is one experiment checkpoint to resume from. Two small adapters make that one experiment behave
+like independent studies:
+
+* :class:`GroupedSearcher` keeps one ``OptunaSearch`` per group (each its own Optuna study in the
+  one ``optuna.db``), hands out that group's drawn number of trials, and once a group's search is
+  over issues its ``final.seeds`` fresh-seed re-runs of the best config (selected on validation
+  accuracy only) while the other groups keep searching.
+* :class:`GroupedScheduler` runs one ASHA per group: trials at ε=1 must never be stopped for being
+  worse than trials at ε=8.
+
+Ray is imported here and in :mod:`dpmix_ray.sweep.trial` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
+from dpmix_ray.errors import ConfigError
+from dpmix_ray.sweep.plan import (
+    METRIC,
+    Group,
+    assert_within_budget,
+    build_groups,
+    check_sweep,
+    optuna_distributions,
+    trial_counts,
+    trial_seed,
+)
+from dpmix_ray.sweep.state import (
+    EXPERIMENT,
+    OPTUNA_FILE,
+    TUNE_DIR,
+    SweepState,
+    append_record,
+    check_out_dir,
+    read_records,
+    sweep_complete,
+    write_config,
+    write_state,
+)
+from dpmix_ray.sweep.trial import run_trial
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+STORAGE_ENV = "DPMIX_RAY_STORAGE_PATH"
+# Seconds between Tune experiment snapshots: bounds the work a kill can lose before --resume.
+SNAPSHOT_PERIOD_S = "2"
+# A crashed worker's trial is retried from its last epoch checkpoint this many times.
+MAX_RETRIES = 2
+
+
+class _Study(OptunaSearch):
+    """``OptunaSearch`` that also tells Optuna about outcomes Tune only sees as plain completions."""
+
+    def finish(self, trial_id: str, *, value: float | None, state: TrialState) -> None:
+        self._ot_study.tell(self._ot_trials[trial_id], value if state == TrialState.COMPLETE else None, state=state)
+        self._completed_trials.add(trial_id)
+
+    def fail_orphans(self) -> int:
+        """Mark Optuna trials left RUNNING by a kill before Tune's last snapshot as FAIL; returns how many."""
+        known = {t.number for t in self._ot_trials.values()}
+        orphans = [t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in known]
+        for number in orphans:
+            self._ot_study.tell(number, state=TrialState.FAIL)
+        return len(orphans)
+
+
+def _make_study(cfg: SweepConfig, group: Group, index: int, count: int, storage: optuna.storages.BaseStorage) -> _Study:
+    seed = cfg.search.seed + index
+    if cfg.search.sampler == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        # Startup trials are random; with a handful of trials per ε, TPE should still get to model some.
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, count // 2)), constant_liar=True)
+    study = _Study(
+        space=optuna_distributions(group.space), metric=METRIC, mode="max", sampler=sampler,
+        study_name=group.key, storage=storage,
+    )
+    study.fail_orphans()
+    return study
+
+
+class GroupedSearcher(Searcher):
+    """Round-robins suggestions over per-group Optuna studies; then the best config's final re-runs."""
+
+    def __init__(self, cfg: SweepConfig, groups: list[Group], counts: dict[str, int], db: Path):
+        super().__init__(metric=METRIC, mode="max")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        self._cfg = cfg
+        self._keys = [g.key for g in groups]
+        self._counts = dict(counts)
+        self._studies: dict[str, _Study | None] = {
+            g.key: _make_study(cfg, g, i, counts[g.key], storage) if g.space else None for i, g in enumerate(groups)
+        }
+        self._issued = {k: 0 for k in self._keys}
+        self._finals = {k: 0 for k in self._keys}
+        self._open: dict[str, set[str]] = {k: set() for k in self._keys}
+        self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> the config it was issued
+        self._best: dict[str, dict[str, Any]] = {}  # group -> (value, config) of its best completed search trial
+        self._next = 0
+
+    def _search_over(self, key: str) -> bool:
+        return self._issued[key] >= self._counts[key] and not self._open[key]
+
+    def _finals_wanted(self, key: str) -> int:
+        return self._cfg.final.seeds if key in self._best else 0
+
+    def _issue(self, trial_id: str, key: str, phase: str, index: int, params: dict[str, Any]) -> dict[str, Any]:
+        config = {"group": key, "phase": phase, "index": index, "seed": trial_seed(self._cfg, phase, index), "params": params}
+        self._trials[trial_id] = config
+        return config
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        for key in self._keys:  # finals first: they complete a row of the table
+            if self._search_over(key) and self._finals[key] < self._finals_wanted(key):
+                self._finals[key] += 1
+                return self._issue(trial_id, key, "final", self._finals[key] - 1, dict(self._best[key]["params"]))
+        for shift in range(len(self._keys)):
+            key = self._keys[(self._next + shift) % len(self._keys)]
+            if self._issued[key] < self._counts[key]:
+                self._next = (self._next + shift + 1) % len(self._keys)
+                study = self._studies[key]
+                params = study.suggest(trial_id) if study is not None else {}
+                self._issued[key] += 1
+                self._open[key].add(trial_id)
+                return self._issue(trial_id, key, "search", self._issued[key] - 1, params)
+        if all(self._search_over(k) and self._finals[k] >= self._finals_wanted(k) for k in self._keys):
+            return Searcher.FINISHED
+        return None  # waiting for a group's search to end before its finals
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        issued = self._trials[trial_id]
+        study = self._studies[issued["group"]]
+        if issued["phase"] == "search" and study is not None and "trial_status" not in result and result.get(METRIC) is not None:
+            study.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        issued = self._trials[trial_id]
+        key = issued["group"]
+        if issued["phase"] != "search":
+            return
+        self._open[key].discard(trial_id)
+        status = (result or {}).get("trial_status")
+        value = (result or {}).get(METRIC)
+        best = self._best.get(key)
+        if status == "completed" and value is not None and (best is None or (value, -issued["index"]) > (best["value"], -best["index"])):
+            self._best[key] = {"value": value, "index": issued["index"], "params": issued["params"]}  # same rule as the report
+        study = self._studies[key]
+        if study is None:
+            return
+        if error or status == "failed":
+            state = TrialState.FAIL
+        elif status == "completed" and value is not None:
+            state = TrialState.COMPLETE
+        else:  # refused by the planner, or stopped early by ASHA
+            state = TrialState.PRUNED
+        study.finish(trial_id, value=value, state=state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        for study in self._studies.values():
+            if study is not None:
+                study.fail_orphans()
+
+
+class GroupedScheduler(FIFOScheduler):
+    """One ASHA per group over epoch reports; finals, refusals and final reports pass through."""
+
+    def __init__(self, max_t: int):
+        super().__init__()
+        self._metric = METRIC
+        self._max_t = max_t
+        self._asha: dict[str, AsyncHyperBandScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True
+
+    def _for(self, trial: Any) -> AsyncHyperBandScheduler | None:
+        if trial.config.get("phase") != "search":
+            return None
+        key = trial.config["group"]
+        if key not in self._asha:
+            self._asha[key] = AsyncHyperBandScheduler(
+                metric=METRIC, mode="max", max_t=self._max_t, grace_period=1, reduction_factor=3, stop_last_trials=False
+            )
+        return self._asha[key]
+
+    @staticmethod
+    def _epoch_result(result: dict[str, Any]) -> bool:
+        return "trial_status" not in result and result.get(METRIC) is not None
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if (asha := self._for(trial)) is not None:
+            asha.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        asha = self._for(trial)
+        if asha is None or not self._epoch_result(result):
+            return TrialScheduler.CONTINUE
+        return asha.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        if (asha := self._for(trial)) is not None:
+            if self._epoch_result(result):
+                asha.on_trial_complete(tune_controller, trial, result)
+            else:
+                asha.on_trial_remove(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        if (asha := self._for(trial)) is not None:
+            asha.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"ASHA per group ({len(self._asha)} groups)"
+
+
+def _ledger_record(trial: Any, status: str, reason: str) -> dict[str, Any]:
+    """A record for a trial that never sent its own (stopped early, or crashed past its retries)."""
+    last = trial.last_result or {}
+    c = trial.config
+    return {
+        "trial_id": trial.trial_id, "group": c["group"], "phase": c["phase"], "index": c["index"], "seed": c["seed"],
+        "params": c["params"], "status": status, "reason": reason, "val_accuracy": last.get(METRIC),
+        "epsilon_spent": last.get("epsilon_spent"), "epochs_reported": last.get("epoch"), "retries": trial.num_failures,
+    }
+
+
+class SweepCallback(tune.Callback):
+    """Writes every finished trial to the ledger at once, and draws the live progress view."""
+
+    def __init__(self, out: Path, total: int, progress: bool):
+        self._out = out
+        self._total = total
+        self._progress = progress
+        self._bar: Any = None
+
+    def setup(self, **info: Any) -> None:
+        if self._progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self._total, initial=len(read_records(self._out)), desc="trials", unit="trial", dynamic_ncols=True)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        append_record(self._out, record)
+        if self._bar is not None:
+            val = record.get("val_accuracy")
+            acc = f"val {val:.4f}" if val is not None else ""
+            test = record.get("test_accuracy")
+            acc += f" test {test:.4f}" if test is not None else ""
+            spent = record.get("epsilon_spent")
+            eps = f" ε_spent {spent:.3f}" if spent is not None else ""
+            why = f" ({record['reason']})" if record.get("reason") else ""
+            self._bar.write(f"{record['group']:>22} {record['phase']:6} #{record['index']:<3} {record['status']:9} {acc}{eps}{why}")
+            self._bar.update(1)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if "record_json" in last:
+            record = json.loads(last["record_json"]) | {"trial_id": trial.trial_id, "retries": trial.num_failures}
+        else:
+            record = _ledger_record(trial, "stopped", f"stopped early by ASHA after epoch {last.get('epoch')}")
+        self._write(record)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        error = trial.get_error()
+        reason = str(error).strip().splitlines()[-1] if error is not None else "worker crashed"
+        self._write(_ledger_record(trial, "failed", f"crashed {trial.num_failures}× (retries exhausted): {reason}"))
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.write(f"{trial.config['group']:>22} {trial.config['phase']:6} #{trial.config['index']:<3} worker lost: retrying from its last checkpoint")
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _trial_name(trial: Any) -> str:
+    c = trial.config
+    return f"{c['group']}-{c['phase']}{c['index']}-{trial.trial_id}".replace("=", "")
+
+
+def _max_epochs(cfg: SweepConfig) -> int:
+    """ASHA's horizon in epoch reports (σ searched: epochs are derived, so a generous bound)."""
+    if "optim.epochs" in cfg.space:
+        return max(1, math.ceil(float(next(iter(cfg.space["optim.epochs"].values()))[-1])))
+    return max(1, math.ceil(cfg.base.optim.epochs)) if cfg.base.optim.epochs is not None else 100
+
+
+def _check_local_resources(res: ResourcesConfig) -> None:
+    """Before starting a local Ray: a trial must fit this machine."""
+    cpus = os.cpu_count() or 1
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if res.cpu > cpus or res.gpu > gpus:
+        raise ConfigError(f"resources: a trial asks for {res.cpu:g} CPU / {res.gpu:g} GPU but this machine has {cpus} CPU / {gpus} GPU")
+
+
+def _node_shapes() -> list[dict[str, float]]:
+    """Resources of the live nodes plus every node type the autoscaler may still start."""
+    import ray
+
+    shapes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()  # present on a head started by `ray up`
+    if bootstrap.is_file():
+        types = (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types", {})
+        shapes += [dict(t.get("resources", {})) for t in types.values()]
+    return shapes
+
+
+def _check_cluster_resources(res: ResourcesConfig) -> None:
+    shapes = _node_shapes()
+    if not any(s.get("CPU", 0) >= res.cpu and s.get("GPU", 0) >= res.gpu for s in shapes):
+        largest = ", ".join(f"{s.get('CPU', 0):g} CPU/{s.get('GPU', 0):g} GPU" for s in shapes) or "none"
+        raise ConfigError(f"resources: a trial asks for {res.cpu:g} CPU / {res.gpu:g} GPU, more than any node offers ({largest})")
+
+
+def _check_storage(storage: str) -> None:
+    """A multi-node Tune run needs storage every node reaches; a node-local path fails on the workers."""
+    import ray
+
+    if "://" not in storage and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        raise ConfigError(f"{STORAGE_ENV}: a multi-node cluster needs shared trial storage (s3://…, gs://…), not the local path {storage}")
+
+
+def _needs_synthetic(cfg: SweepConfig, groups: list[Group]) -> bool:
+    return cfg.base.mix.synthetic == "synth" and any(g.method == "dpmix_diff" for g in groups)
+
+
+def _generate_synthetic(cfg: SweepConfig) -> str:
+    """Generated once per sweep, before any trial; its path is stored so a resume never regenerates it."""
+    from dpmix_ray.data import load_splits
+    from dpmix_ray.synth import generate
+
+    synth_cfg = cfg.synth or cfg.base.synth
+    names = synth_cfg.classes or load_splits(cfg.base.data).class_names
+    return str(generate(synth_cfg, class_names=names))
+
+
+def _init_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray; returns whether this call started it, so only then is it shut down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], progress: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), synthetic=state.synthetic),
+        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
+    )
+    path = f"{state.storage_path.rstrip('/')}/{EXPERIMENT}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+    total = sum(state.counts.values()) + cfg.final.seeds * sum(1 for c in state.counts.values() if c > 0)
+    searcher = GroupedSearcher(cfg, groups, state.counts, out / OPTUNA_FILE)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=GroupedScheduler(_max_epochs(cfg)) if cfg.search.scheduler == "asha" else None,
+            num_samples=-1,  # the searcher says when it is done (random trial counts, then finals)
+            max_concurrent_trials=cfg.search.max_concurrent,
+            reuse_actors=True,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=state.storage_path,
+            failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[SweepCallback(out, total, progress)],
+            verbose=0,
+        ),
+    )
+
+
+def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str | None = None, progress: bool = True) -> Path:
+    """Run (or resume) a sweep into ``out``; returns ``out``. Bad input raises ConfigError before anything starts."""
+    out = Path(out).resolve()
+    check_sweep(cfg)
+    state = check_out_dir(out, cfg, resume=resume)
+    if address is None:
+        _check_local_resources(cfg.resources)
+    groups = build_groups(cfg)
+    started = _init_ray(address)
+    try:
+        if address is not None:
+            _check_cluster_resources(cfg.resources)
+        storage = state.storage_path if state else os.environ.get(STORAGE_ENV) or str(out / TUNE_DIR)
+        _check_storage(storage)
+        if state is None:
+            # The trial counts' randomness is part of the privacy mechanism: draw it from the OS, not the config seed.
+            counts = trial_counts(cfg, groups, np.random.default_rng(secrets.randbits(128)))
+            state = SweepState(name=cfg.name, config_hash=config_hash(cfg), counts=counts, storage_path=storage)
+            write_config(out, cfg)
+        else:
+            state.resumes += 1
+        write_state(out, state)
+        if state.synthetic is None and _needs_synthetic(cfg, groups):
+            state.synthetic = _generate_synthetic(cfg)
+            write_state(out, state)
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        _tuner(cfg, out, state, groups, progress).fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    records = read_records(out)
+    for record in records:
+        if record["status"] == "completed":
+            assert_within_budget(record)
+    state.finished = sweep_complete(records, state.counts, cfg.final.seeds)
+    write_state(out, state)
+    from dpmix_ray.report import build_report, summary_table
+
+    build_report(out)
+    if progress:
+        print(summary_table(out))
+        if not state.finished:
+            print(f"sweep interrupted: continue it with --resume (output in {out})")
+    return out
