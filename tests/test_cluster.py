@@ -1,0 +1,101 @@
+"""check-cluster on the shipped cluster.yaml and on broken copies of it (offline, no cloud)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from dpmix_ray.cluster import check_cluster
+from dpmix_ray.errors import ConfigError
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+def _broken(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    cfg = yaml.safe_load(CLUSTER.read_text())
+    edit(cfg)
+    p = tmp_path / "cluster.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_shipped_cluster_is_valid() -> None:
+    lines = check_cluster(CLUSTER)
+    text = "\n".join(lines)
+    assert "CPU 0" in text and "s3://" in text
+    assert any("GPU" in line and line.startswith("worker") for line in lines)
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(cfg: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    return edit
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    def edit(cfg: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        del node[last]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        # Ray's schema
+        (_set("max_workers", "ten"), "schema"),
+        (_drop("available_node_types.gpu_1x_a10g.node_config"), "schema"),
+        (_set("unknown_top_level_key", 1), "schema"),
+        (_set("available_node_types.gpu_1x_a10g.resources", {"CPU": 8, "GPU": 0.5}), "schema"),
+        # Ray's semantic checks
+        (_set("head_node_type", "nope"), "head_node_type"),
+        (_set("max_workers", 0), "max_workers"),
+        # what a sweep needs
+        (_set("available_node_types.head.resources", {"CPU": 4}), "CPU: 0"),
+        (_set("available_node_types.gpu_1x_a10g.min_workers", 1), "min_workers"),
+        (_set("available_node_types.gpu_4x_a10g.max_workers", 50), "max_workers"),
+        (_set("setup_commands", ["pip install --quiet torch"]), "install this project"),
+        (_set("setup_commands", ["pip install -e ~/dpmix-ray", "echo 'export DPMIX_RAY_STORAGE_PATH=/tmp/tune' >> ~/.bashrc"]), "shared storage"),
+        (_set("setup_commands", ["pip install -e ~/dpmix-ray"]), "DPMIX_RAY_STORAGE_PATH"),
+        (_set("docker.worker_image", "rayproject/ray:2.9.0-py311-gpu"), "not Ray"),
+    ],
+)
+def test_broken_copies_are_refused_with_one_line(tmp_path: Path, edit: Callable[[dict[str, Any]], None], needle: str | None) -> None:
+    p = _broken(tmp_path, edit)
+    with pytest.raises(ConfigError) as e:
+        check_cluster(p)
+    msg = str(e.value)
+    assert "\n" not in msg
+    if needle is not None:
+        assert needle in msg
+
+
+def test_no_gpu_worker_is_refused(tmp_path: Path) -> None:
+    def cpu_only(cfg: dict[str, Any]) -> None:
+        for name, t in cfg["available_node_types"].items():
+            if name != cfg["head_node_type"]:
+                t["resources"] = {"CPU": 8}
+
+    with pytest.raises(ConfigError, match="GPU"):
+        check_cluster(_broken(tmp_path, cpu_only))
+
+
+def test_missing_and_unparsable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        check_cluster(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster_name: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        check_cluster(bad)
