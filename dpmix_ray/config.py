@@ -44,9 +44,9 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """``cnn`` | ``wrn16_4`` | a torchvision backbone (``resnet18``, ``vit_b_16``) with a linear head."""
+    """``cnn_tiny`` | ``cnn`` | ``wrn16_4`` | a torchvision backbone (``resnet18``, ``vit_b_16``) with a linear head."""
 
-    name: str = "cnn"
+    name: str = "cnn_tiny"
     weights: str | None = None
     train: Literal["full", "head"] = "full"
 

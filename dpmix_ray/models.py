@@ -53,6 +53,25 @@ class SmallCNN(nn.Module):
         return self.head(self.hidden(self.features((x - 0.5) * 2.0)))
 
 
+class TinyCNN(nn.Module):
+    """Tramèr & Boneh (2021)'s MNIST CNN (tanh; 8×8/2 conv, 4×4/2 conv, two small linears), ~26k
+    parameters: about 20× cheaper per image than ``cnn`` at 28×28, which is what lets a CPU sweep
+    run many DP-Mix trials (each example is a group of K + m + n images)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        )
+        self.hidden = nn.Sequential(nn.Linear(32 * 16, 32), nn.Tanh())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(self.features((x - 0.5) * 2.0)))
+
+
 # --------------------------------------------------------------------------- WRN-16-4
 
 
@@ -242,6 +261,7 @@ def _build_backbone(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 _SCRATCH: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn": SmallCNN,
+    "cnn_tiny": TinyCNN,
     "wrn16_4": lambda c, k: WideResNet(c, k, depth=16, width=4),
 }
 
