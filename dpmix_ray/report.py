@@ -28,7 +28,7 @@ HTML_FILE = "report.html"
 _TRIAL_COLUMNS = (
     "trial_id", "group", "method", "epsilon", "delta", "phase", "index", "seed", "status", "reason", "val_accuracy",
     "test_accuracy", "epsilon_spent", "trial_epsilon", "search_epsilon", "noise_multiplier", "sample_rate", "steps",
-    "epochs", "accountant", "n_train", "trial_seconds", "wall_seconds", "images_per_second", "retries",
+    "epochs", "accountant", "n_train", "trial_seconds", "wall_seconds", "images_per_second", "retries", "resumed_from_step",
 )
 
 

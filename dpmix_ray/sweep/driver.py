@@ -19,6 +19,7 @@ Ray is imported here and in :mod:`dpmix_ray.sweep.trial` only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -64,17 +65,19 @@ from dpmix_ray.sweep.trial import run_trial
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 STORAGE_ENV = "DPMIX_RAY_STORAGE_PATH"
-# Seconds between Tune experiment snapshots: bounds the work a kill can lose before --resume.
-SNAPSHOT_PERIOD_S = "2"
 # A crashed worker's trial is retried from its last epoch checkpoint this many times.
 MAX_RETRIES = 2
+log = logging.getLogger(__name__)
 
 
 class _Study(OptunaSearch):
     """``OptunaSearch`` that also tells Optuna about outcomes Tune only sees as plain completions."""
 
     def finish(self, trial_id: str, *, value: float | None, state: TrialState) -> None:
-        self._ot_study.tell(self._ot_trials[trial_id], value if state == TrialState.COMPLETE else None, state=state)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], value if state == TrialState.COMPLETE else None, state=state)
+        except (RuntimeError, ValueError) as e:  # already told before a kill, and re-reported after the resume
+            log.info("optuna: %s", e)
         self._completed_trials.add(trial_id)
 
     def fail_orphans(self) -> int:
@@ -264,7 +267,8 @@ class SweepCallback(tune.Callback):
         if self._progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self._total, initial=len(read_records(self._out)), desc="trials", unit="trial", dynamic_ncols=True)
+            # disable=None: a live bar on a terminal, only the per-trial lines in a log file.
+            self._bar = tqdm(total=self._total, initial=len(read_records(self._out)), desc="trials", unit="trial", dynamic_ncols=True, disable=None)
 
     def _write(self, record: dict[str, Any]) -> None:
         append_record(self._out, record)
@@ -401,6 +405,8 @@ def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], 
             name=EXPERIMENT,
             storage_path=state.storage_path,
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
+            # num_to_keep=1 also makes Tune snapshot the experiment after every trial checkpoint (each epoch and
+            # each trial's end), so a kill loses at most the epoch in flight.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[SweepCallback(out, total, progress)],
             verbose=0,
@@ -433,7 +439,8 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
         if state.synthetic is None and _needs_synthetic(cfg, groups):
             state.synthetic = _generate_synthetic(cfg)
             write_state(out, state)
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress view replaces Tune's console output
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         _tuner(cfg, out, state, groups, progress).fit()
     finally:

@@ -79,7 +79,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str |
     record: dict[str, Any] = {
         "group": group.key, "method": group.method, "epsilon": group.epsilon, "delta": cfg.delta if group.epsilon else None,
         "phase": config["phase"], "index": config["index"], "seed": config["seed"], "params": config["params"],
-        "val_accuracy": None, "test_accuracy": None,
+        "val_accuracy": None, "test_accuracy": None, "resumed_from_step": saved["train"]["step"] if saved else 0,
     }
 
     def seconds() -> float:

@@ -1,0 +1,339 @@
+"""The sweep: planning and tuning-privacy math (fast), the grouped searcher, and end-to-end runs on a
+local Ray cluster (slow): a 2-ε × 2-trial sweep with a diverging trial, a resume after a kill, and a
+crashed worker retried from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+
+from dpmix_ray.config import SweepConfig, config_hash, with_updates
+from dpmix_ray.errors import BudgetError, ConfigError
+from dpmix_ray.privacy import repeat_and_select_epsilon
+from dpmix_ray.sweep import plan as P
+from dpmix_ray.sweep import state as S
+
+TINY_BASE: dict[str, Any] = {
+    "method": "dpmix_self",
+    "data": {"name": "digits", "limit": 300},
+    "model": {"name": "cnn"},
+    "mix": {"aug_multiplicity": 2, "self_mix": 1},
+    "optim": {"batch_size": 32, "epochs": 1, "lr": 1.0},
+    "device": "cpu",
+}
+
+
+def sweep(**over: Any) -> SweepConfig:
+    raw: dict[str, Any] = {
+        "name": "t", "base": TINY_BASE, "epsilons": [2, 8], "delta": 1e-4,
+        "space": {"optim.lr": {"loguniform": [0.5, 4.0]}},
+        "search": {"sampler": "random", "trials_per_epsilon": 2, "seed": 0}, "final": {"seeds": 1},
+    }
+    for dotted, value in over.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return SweepConfig.model_validate(raw)
+
+
+# --------------------------------------------------------------------------- planning (no Ray)
+
+
+def test_groups_cover_main_method_and_baselines_per_epsilon() -> None:
+    cfg = sweep(baselines=["dpsgd", "dpmix_self", "nonprivate"], space={"optim.lr": {"uniform": [0.5, 2]}, "mix.self_mix": {"int": [1, 3]}})
+    groups = P.build_groups(cfg)
+    assert [g.key for g in groups] == ["dpmix_self@eps=2", "dpmix_self@eps=8", "dpsgd@eps=2", "dpsgd@eps=8", "nonprivate"]
+    dpsgd = groups[2]
+    assert set(dpsgd.space) == {"optim.lr"}  # dpsgd fixes K=1, m=0: searching m is meaningless
+    cfg_dpsgd = P.trial_config(cfg, dpsgd, {"optim.lr": 1.0}, seed=3)
+    assert (cfg_dpsgd.method, cfg_dpsgd.mix.aug_multiplicity, cfg_dpsgd.mix.self_mix, cfg_dpsgd.seed) == ("dpsgd", 1, 0, 3)
+    assert cfg_dpsgd.privacy.epsilon == 2 and cfg_dpsgd.privacy.delta == 1e-4
+    assert groups[4].epsilon is None and P.trial_config(cfg, groups[4], {}, 0).method == "nonprivate"
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"space": {"privacy.epsilon": {"uniform": [1, 2]}}}, "space.privacy.epsilon"),
+        ({"base": TINY_BASE | {"method": "nonprivate"}}, "base.method"),
+        ({"tuning_privacy": "repeat_and_select", "search__sampler": "tpe"}, "search.sampler"),
+        ({"tuning_privacy": "repeat_and_select", "search__scheduler": "asha"}, "search.scheduler"),
+        ({"tuning_privacy": "repeat_and_select", "space": {"optim.batch_size": {"choice": [32, 64]}}}, "space.optim.batch_size"),
+        ({"search__trials_shape": 1.0}, "search.trials_shape"),
+        ({"baselines": ["dpmix_diff"]}, "baselines"),
+        ({"epsilons": [2, 2]}, "epsilons"),
+        ({"space": {"optim.lr": {"choice": [[1, 2]]}}}, "choice values"),
+    ],
+)
+def test_sweep_level_refusals_are_one_line(over: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        P.check_sweep(sweep(**over))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_space_translates_to_optuna_distributions() -> None:
+    d = P.optuna_distributions({
+        "optim.lr": {"loguniform": [0.1, 4]}, "privacy.clip_norm": {"uniform": [0.5, 2]},
+        "mix.self_mix": {"int": [1, 4]}, "optim.lr_schedule": {"choice": ["constant", "cosine"]},
+    })
+    assert d["optim.lr"] == optuna.distributions.FloatDistribution(0.1, 4, log=True)
+    assert d["privacy.clip_norm"] == optuna.distributions.FloatDistribution(0.5, 2)
+    assert d["mix.self_mix"] == optuna.distributions.IntDistribution(1, 4)
+    assert d["optim.lr_schedule"] == optuna.distributions.CategoricalDistribution(["constant", "cosine"])
+
+
+def test_impossible_sampled_combination_is_a_config_error() -> None:
+    cfg = sweep(space={"mix.aug_multiplicity": {"int": [1, 3]}})
+    with pytest.raises(ConfigError, match="aug_multiplicity"):
+        P.trial_config(cfg, P.build_groups(cfg)[0], {"mix.aug_multiplicity": 1}, 0)
+
+
+@pytest.mark.parametrize("shape", [math.inf, 1.0, 0.5, 0.0])
+def test_trial_count_distribution_has_the_accounted_mean(shape: float) -> None:
+    rng = np.random.default_rng(0)
+    draws = np.array([P.draw_trial_count(6.0, shape, rng) for _ in range(4000)])
+    assert abs(draws.mean() - 6.0) < 0.35
+    if not math.isinf(shape):
+        assert draws.min() >= 1  # truncated: at least one trial
+
+
+def test_counts_are_fixed_for_per_trial_and_random_for_repeat_and_select() -> None:
+    cfg = sweep()
+    assert P.trial_counts(cfg, P.build_groups(cfg), np.random.default_rng(0)) == {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 2}
+    nothing = sweep(space={})
+    assert set(P.trial_counts(nothing, P.build_groups(nothing), np.random.default_rng(0)).values()) == {1}
+    rs = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=5)
+    counts = [P.trial_counts(rs, P.build_groups(rs), np.random.default_rng(s))["dpmix_self@eps=2"] for s in range(50)]
+    assert len(set(counts)) > 3
+
+
+def test_repeat_and_select_calibration_meets_the_sweep_epsilon() -> None:
+    cfg = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=4, search__trials_shape=1.0)
+    group = P.build_groups(cfg)[0]
+    train_cfg = P.trial_config(cfg, group, {"optim.lr": 1.0}, 0)
+    tuned, figures = P.apply_tuning_privacy(cfg, group, train_cfg, n_train=1000)
+    assert figures.search_epsilon <= 2.0 * (1 + P.BUDGET_SLACK)
+    assert figures.trial_epsilon < 2.0  # each trial spends less so that the search meets ε
+    assert tuned.optim.epochs is None and tuned.privacy.noise_multiplier is not None
+    recomputed = repeat_and_select_epsilon(
+        noise_multiplier=tuned.privacy.noise_multiplier, sample_rate=32 / 1000, steps=math.ceil(1000 / 32),
+        delta=1e-4, mean_trials=4, shape=1.0,
+    )
+    assert recomputed == pytest.approx(figures.search_epsilon)
+    per_trial, same = P.apply_tuning_privacy(sweep(), group, train_cfg, n_train=1000)
+    assert per_trial is train_cfg and same.trial_epsilon == 2 and same.search_epsilon is None
+
+
+def test_within_budget_assertion() -> None:
+    P.assert_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 1.99})
+    with pytest.raises(BudgetError):
+        P.assert_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 2.01})
+    with pytest.raises(BudgetError):
+        P.assert_within_budget({"epsilon": 2.0, "search_epsilon": 2.5})
+
+
+# --------------------------------------------------------------------------- out dir and ledger
+
+
+def test_out_dir_identity_and_resume_checks(tmp_path: Path) -> None:
+    cfg = sweep()
+    assert S.check_out_dir(tmp_path, cfg, resume=False) is None
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        S.check_out_dir(tmp_path, cfg, resume=True)
+    S.write_state(tmp_path, S.SweepState(name="t", config_hash=config_hash(cfg), counts={}, storage_path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="--resume"):
+        S.check_out_dir(tmp_path, cfg, resume=False)
+    assert S.check_out_dir(tmp_path, cfg, resume=True) is not None
+    with pytest.raises(ConfigError, match="config hash") as e:
+        S.check_out_dir(tmp_path, sweep(epsilons=[1, 8]), resume=True)
+    assert "\n" not in str(e.value)
+
+
+def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: Path) -> None:
+    def rec(index: int, val: float | None, status: str = "completed", phase: str = "search", test: float | None = None) -> dict[str, Any]:
+        return {"group": "g", "phase": phase, "index": index, "status": status, "val_accuracy": val, "test_accuracy": test}
+
+    for r in [rec(0, 0.5), rec(1, 0.9, "stopped"), rec(2, 0.7), rec(0, 0.7), rec(3, None, "pruned"), rec(0, 0.2, phase="final", test=0.99)]:
+        S.append_record(tmp_path, r)
+    with (tmp_path / S.LEDGER_FILE).open("a") as f:
+        f.write('{"group": "g", "phase": "sea')  # torn by a kill
+    records = S.read_records(tmp_path)
+    assert len(records) == 5
+    best = S.best_search_record(records)
+    assert best is not None and best["index"] == 0 and best["val_accuracy"] == 0.7  # tie → earlier; stopped and test ignored
+    assert S.sweep_complete(records, {"g": 4}, seeds=1) and not S.sweep_complete(records, {"g": 5}, seeds=1)
+
+
+# --------------------------------------------------------------------------- grouped searcher (Ray imported, no cluster)
+
+
+def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None:
+    from dpmix_ray.sweep.driver import GroupedSearcher
+
+    cfg = sweep(final__seeds=2)
+    groups = P.build_groups(cfg)
+    db = tmp_path / "optuna.db"
+    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db)
+    a, b, c = s.suggest("a"), s.suggest("b"), s.suggest("c")
+    assert [x["group"] for x in (a, b, c)] == ["dpmix_self@eps=2", "dpmix_self@eps=8", "dpmix_self@eps=2"]
+    assert s.suggest("d") is None  # searches issued, none finished: no finals yet
+    s.on_trial_result("a", {"val_accuracy": 0.3, "training_iteration": 1})
+    s.on_trial_complete("a", {"val_accuracy": 0.4, "trial_status": "completed"})
+    s.on_trial_complete("c", {"val_accuracy": None, "trial_status": "pruned"})
+    final = s.suggest("e")
+    assert final["phase"] == "final" and final["params"] == a["params"] and final["seed"] != a["seed"]
+    s.save(str(tmp_path / "ckpt.pkl"))
+
+    # A kill after Optuna handed out a trial that Tune's last snapshot never saw:
+    s.suggest("lost")  # the second eps=2 final (no study involved) ...
+    orphan = optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").ask()  # ... and an orphan
+    restored = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db)
+    restored.restore(str(tmp_path / "ckpt.pkl"))
+    states = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").trials}
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    again = restored.suggest("f")
+    assert (again["phase"], again["index"]) == ("final", 1)  # the lost slot is issued again, same index
+    restored.on_trial_complete("b", {"val_accuracy": None, "trial_status": "failed"})
+    restored.on_trial_complete("e", {"val_accuracy": 0.5, "trial_status": "completed"})
+    restored.on_trial_complete("f", {"val_accuracy": 0.5, "trial_status": "completed"})
+    assert restored.suggest("g") == "FINISHED"  # eps=8 had no completed trial: no finals for it
+    eps2 = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=2", storage=f"sqlite:///{db}").trials}
+    assert sorted(s.name for s in eps2.values()) == ["COMPLETE", "PRUNED"]
+
+
+def test_bad_input_starts_nothing(tmp_path: Path) -> None:
+    import ray
+
+    from dpmix_ray.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match="resources") as e:
+        run_sweep(sweep(resources={"cpu": 4096}), out=tmp_path / "o", progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="search.sampler"):
+        run_sweep(sweep(tuning_privacy="repeat_and_select", search__sampler="tpe"), out=tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists() and not ray.is_initialized()
+
+
+# --------------------------------------------------------------------------- end to end on a local Ray cluster
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _ledger_lines(out: Path) -> list[dict[str, Any]]:
+    p = out / S.LEDGER_FILE
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
+@pytest.mark.slow
+def test_two_epsilon_sweep_end_to_end_with_a_diverging_trial(tmp_path: Path, local_ray: str) -> None:
+    from dpmix_ray.report import build_report
+    from dpmix_ray.sweep import run_sweep
+
+    # lr 1e30 diverges at once; the seeded random sampler draws it for some trials and 1.0 for others.
+    cfg = sweep(space={"optim.lr": {"choice": [1.0, 1.0e30]}}, search__seed=3)
+    out = run_sweep(cfg, out=tmp_path / "out", progress=False)
+    records = S.read_records(out)
+    search = [r for r in records if r["phase"] == "search"]
+    assert len(search) == 4
+    failed = [r for r in search if r["status"] == "failed"]
+    assert failed and all("diverged" in r["reason"] for r in failed)
+    assert any(r["status"] == "completed" for r in search)
+    for r in records:
+        if r["status"] == "completed":
+            assert r["epsilon_spent"] <= r["epsilon"]  # every trial reports ε_spent, within its ε
+    for name in ("best_per_epsilon.csv", "best_per_epsilon.json", "best_per_epsilon.md", "trials.parquet", "accuracy_vs_epsilon.png", "report.html", "optuna.db"):
+        assert (out / name).is_file(), name
+    studies = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+    assert sorted(s.study_name for s in studies) == ["dpmix_self@eps=2", "dpmix_self@eps=8"]
+    fails = [t for s in studies for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials if t.state.name == "FAIL"]
+    assert len(fails) == len(failed)
+    (out / "report.html").unlink()
+    build_report(out)  # `dpmix-ray report DIR` rebuilds from the ledger alone
+    assert "ONE training run" in (out / "report.html").read_text()
+
+
+SUBPROCESS = """
+import sys
+from dpmix_ray.config import SweepConfig
+from dpmix_ray.sweep import run_sweep
+cfg = SweepConfig.model_validate_json(sys.argv[1])
+run_sweep(cfg, out=sys.argv[2], address=sys.argv[3], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, local_ray: str) -> None:
+    from dpmix_ray.sweep import run_sweep
+
+    cfg = sweep(base=TINY_BASE | {"optim": {"batch_size": 32, "epochs": 3, "lr": 1.0}})
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, cfg.model_dump_json(), str(out), local_ray], start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _ledger_lines(out):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep: no clean shutdown at all
+    proc.wait()
+    done_before = {(r["group"], r["phase"], r["index"]): r["trial_id"] for r in _ledger_lines(out)}
+    assert done_before and not S.sweep_complete(S.read_records(out), S.read_state(out).counts, 1)
+
+    with pytest.raises(ConfigError, match="config hash"):
+        run_sweep(sweep(epsilons=[1, 8]), out=out, resume=True, progress=False)
+    run_sweep(cfg, out=out, resume=True, progress=False)
+
+    lines = _ledger_lines(out)
+    state = S.read_state(out)
+    records = S.read_records(out)
+    assert state.finished and state.resumes == 1 and S.sweep_complete(records, state.counts, 1)
+    for slot, trial_id in done_before.items():  # finished before the kill: never trained again
+        again = [r for r in lines if (r["group"], r["phase"], r["index"]) == slot]
+        assert {r["trial_id"] for r in again} == {trial_id}
+        assert all(r["trial_seconds"] == again[0]["trial_seconds"] for r in again)
+    assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c)  # + 1 final each
+    running = [t for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+               for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials if t.state.name == "RUNNING"]
+    assert not running
+
+
+@pytest.mark.slow
+def test_crashed_worker_is_retried_from_its_checkpoint(tmp_path: Path, local_ray: str) -> None:
+    import threading
+
+    from dpmix_ray.sweep import run_sweep
+
+    cfg = sweep(epsilons=[4], space={}, final__seeds=0, base=TINY_BASE | {"optim": {"batch_size": 16, "epochs": 4, "lr": 1.0}})
+    out = tmp_path / "out"
+    runner = threading.Thread(target=run_sweep, args=(cfg,), kwargs={"out": out, "progress": False})
+    runner.start()
+    pid = None
+    deadline = time.time() + 120
+    while pid is None and time.time() < deadline:
+        for result in (out / S.TUNE_DIR).glob("*/*/result.json"):
+            lines = result.read_text().splitlines()
+            if lines:
+                pid = json.loads(lines[0])["pid"]
+        time.sleep(0.2)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the trial's worker process dies after its first epoch
+    runner.join(timeout=180)
+    [record] = S.read_records(out)
+    assert record["status"] == "completed" and record["retries"] == 1 and record["resumed_from_step"] > 0
