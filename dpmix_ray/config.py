@@ -104,7 +104,7 @@ class PrivacyConfig(_Strict):
 
 class OptimConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="expected (Poisson) logical batch size B = q·N")
-    epochs: float | None = Field(20.0, gt=0.0)
+    epochs: float | None = Field(6.0, gt=0.0)
     lr: float = Field(2.0, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
