@@ -69,6 +69,8 @@ class TinyCNN(nn.Module):
         self.head = nn.Linear(32, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < 16:  # its strided 8×8 and 4×4 kernels need ≥ 16 px (sklearn digits are 8×8)
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
         return self.head(self.hidden(self.features((x - 0.5) * 2.0)))
 
 

@@ -28,7 +28,7 @@ def _build(name: str, channels: int = 1, classes: int = 10, size: int = 28, **kw
     return build_model(ModelConfig(name=name, **kw), in_channels=channels, num_classes=classes, image_size=size)
 
 
-@pytest.mark.parametrize("name", ["cnn", "wrn16_4"])
+@pytest.mark.parametrize("name", ["cnn_tiny", "cnn", "wrn16_4"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_forward_shapes(name, channels):
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def test_wrn16_4_structure():
     assert not torch.allclose(plain, before, rtol=0.5)
 
 
-@pytest.mark.parametrize("name", ["cnn", "wrn16_4"])
+@pytest.mark.parametrize("name", ["cnn_tiny", "cnn", "wrn16_4"])
 def test_no_batchnorm_and_dp_compatible(name):
     model = _build(name)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -99,7 +99,7 @@ def _per_example_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return {k: torch.stack([r[k] for r in rows]) for k in names}
 
 
-@pytest.mark.parametrize("name,size", [("cnn", 8), ("cnn", 28), ("wrn16_4", 8)])
+@pytest.mark.parametrize("name,size", [("cnn_tiny", 8), ("cnn_tiny", 28), ("cnn", 8), ("cnn", 28), ("wrn16_4", 8)])
 def test_vmap_grad_equals_loop_float64(name, size):
     torch.manual_seed(0)
     model = _build(name, channels=3, classes=5, size=size).double()
