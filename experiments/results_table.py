@@ -41,7 +41,8 @@ def run_one(job: tuple[str, float, int, list[str]]) -> dict:
     method, eps, seed, extra = job
     if method == "opacus_dpsgd":
         return run_opacus(eps, seed, extra)
-    cfg = load_train_config(None, BASE + METHODS[method] + extra + [f"privacy.epsilon={eps}", f"seed={seed}"])
+    budget = [f"privacy.epsilon={eps}"] if method != "nonprivate" else []
+    cfg = load_train_config(None, BASE + METHODS[method] + extra + budget + [f"seed={seed}"])
     r = train(cfg, progress=False)
     return {"method": method, "epsilon": eps, "seed": seed, "val": r["val_accuracy"], "test": r["test_accuracy"],
             "epsilon_spent": r["epsilon_spent"], "sigma": r["noise_multiplier"], "steps": r["steps"], "seconds": r["wall_seconds"]}
@@ -109,14 +110,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/baselines"))
     args = ap.parse_args()
     extra = ["optim.epochs=2"] if args.quick else []
-    jobs = [(m, e, s, extra) for m in args.methods for e in (args.epsilons if m != "nonprivate" else [0.0]) for s in args.seeds]
+    jobs = [(m, e, s, extra) for m in args.methods for e in (args.epsilons if m != "nonprivate" else [None]) for s in args.seeds]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with ProcessPoolExecutor(args.workers) as pool:
         for row in pool.map(run_one, jobs):
             print(json.dumps(row), flush=True)
             rows.append(row)
-            if row["epsilon_spent"] is not None and row["method"] != "nonprivate":
+            if row["method"] != "nonprivate":
                 assert row["epsilon_spent"] <= row["epsilon"] + 1e-9, row
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
     md = table(rows, args.epsilons, args.methods)
