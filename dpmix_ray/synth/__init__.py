@@ -4,7 +4,7 @@ The API the CLI and trainer call. Ray is imported only inside :func:`generate` (
 importing this package, loading a set or drawing its grid stays light.
 """
 
-from dpmix_ray.synth.generate import generate, load_synthetic, resolve_synthetic
+from dpmix_ray.synth.sets import generate, load_synthetic, resolve_synthetic
 from dpmix_ray.synth.grid import save_grid
 from dpmix_ray.synth.pipelines import BUILTINS
 

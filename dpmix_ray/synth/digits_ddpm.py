@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from dpmix_ray.errors import DataError
 from dpmix_ray.synth.pipelines import CLASS_CONDITIONAL_FILE, _atomic_save, _generators, cache_root
 
 MODEL_DIR = "digits-ddpm-v1"  # bump when the recipe below changes
-TRAIN_STEPS = 3000
+TRAIN_STEPS = 2000
 BATCH = 128
 NULL_LABEL_RATE = 0.1  # share of training labels replaced by "no class" for classifier-free guidance
 
@@ -54,16 +55,28 @@ def train(out: Path, *, steps: int = TRAIN_STEPS, seed: int = 0, progress: bool 
     Noise-prediction loss, AdamW with a one-cycle schedule and an EMA of the weights (the EMA is what is
     saved: on a few thousand steps it gives visibly cleaner digits).
     """
-    from diffusers import DDPMScheduler
     from sklearn.datasets import load_digits
-    from tqdm.auto import tqdm
 
     digits = load_digits()
     x = torch.from_numpy(digits.images).float().div(16.0).mul(2.0).sub(1.0)[:, None]
     y = torch.from_numpy(digits.target).long()
     classes = [str(c) for c in digits.target_names]
-    null = len(classes)
 
+    threads = torch.get_num_threads()
+    # One core stays free: on a shared two-core machine a second OpenMP thread spin-waits behind
+    # other processes and makes training several times slower, not faster.
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
+    try:
+        _fit(out, x, y, classes, steps=steps, seed=seed, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(out: Path, x: torch.Tensor, y: torch.Tensor, classes: list[str], *, steps: int, seed: int, progress: bool) -> None:
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    null = len(classes)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     unet = _unet(len(classes))

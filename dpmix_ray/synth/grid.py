@@ -21,7 +21,7 @@ from dpmix_ray.errors import DPMixError
 
 def save_grid(path_to_set: str | Path, png_path: str | Path, per_class: int = 8) -> None:
     """Write the first ``per_class`` images of every class, one class per row, upscaled to ≥ 56 px."""
-    from dpmix_ray.synth.generate import _read_set
+    from dpmix_ray.synth.sets import _read_set
 
     x, y, names = _read_set(Path(path_to_set).expanduser())
     pad = 2
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(args.source)
         if source.is_file():
             from dpmix_ray.config import load_synth_config
-            from dpmix_ray.synth.generate import generate
+            from dpmix_ray.synth.sets import generate
 
             source = generate(load_synth_config(source, args.set))
         save_grid(source, args.png, per_class=args.per_class)

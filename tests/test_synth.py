@@ -1,0 +1,263 @@
+"""Synthetic sets: Ray Data generation with the tiny random SD pipeline on CPU, read back with plain
+pyarrow, 1-vs-2-worker byte identity, cache hit without a model load, resume, repair, refusals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dpmix_ray.config import SynthConfig
+from dpmix_ray.data import images_to_table
+from dpmix_ray.errors import ConfigError, DataError
+from dpmix_ray.synth import sets as gen
+from dpmix_ray.synth import load_synthetic, resolve_synthetic, save_grid
+from dpmix_ray.synth.pipelines import resolve_model, to_uint8
+
+CLASSES = ["cat", "dog"]
+# 2 classes × 6 images in shards of 4: 3 shards, the last one short.
+TINY = dict(model="tiny-random", classes=CLASSES, images_per_class=6, image_size=8, channels=1, steps=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    """A private model cache (DPMIX_CACHE) and an offline hub for the module."""
+    root = tmp_path_factory.mktemp("synth")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPMIX_CACHE", str(root / "cache"))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def ray_session(env: Path):
+    """One Ray session for every generating test of the module (generate() reuses it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield env
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_session: Path) -> Path:
+    return gen.generate(SynthConfig(**TINY, workers=2, out=str(ray_session / "w2")), progress=False)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.glob("shard-*.parquet"))}
+
+
+def _no_model(*_args, **_kwargs):
+    raise AssertionError("the model was loaded or Ray was run")
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_plan_is_fixed_shards_with_per_row_seeds() -> None:
+    plan = gen.Plan(("a", "b", "c"), 5, 4, seed=0)
+    assert plan.num_shards == 4 and [plan.shard_rows(s) for s in range(4)] == [4, 4, 4, 3]
+    rows = [plan.table(s) for s in range(plan.num_shards)]
+    assert sum(t.num_rows for t in rows) == 15
+    assert np.concatenate([plan.labels(s) for s in range(4)]).tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    seeds = np.concatenate([t.column("seed").to_numpy() for t in rows])
+    assert len(set(seeds.tolist())) == 15 and (seeds >= 0).all()
+    # a seed depends on (seed, class name, index) only, not on the shard layout
+    other = gen.Plan(("a", "b", "c"), 5, 7, seed=0)
+    assert np.array_equal(np.concatenate([other.table(s).column("seed").to_numpy() for s in range(other.num_shards)]), seeds)
+    assert gen.row_seed(0, "a", 0) != gen.row_seed(1, "a", 0)
+
+
+def test_to_uint8_resizes_and_converts_channels() -> None:
+    rgb = torch.rand(2, 3, 32, 32)
+    grey = to_uint8(rgb, image_size=28, channels=1)
+    assert grey.shape == (2, 1, 28, 28) and grey.dtype == np.uint8
+    assert to_uint8(torch.rand(2, 1, 8, 8), image_size=28, channels=3).shape == (2, 3, 28, 28)
+    ones = to_uint8(torch.ones(1, 3, 8, 8), image_size=8, channels=1)
+    assert (ones == 255).all()
+
+
+def test_import_does_not_import_ray() -> None:
+    code = "import sys, dpmix_ray.synth; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cache_key_ignores_workers_and_out() -> None:
+    a = SynthConfig(**TINY, workers=1, out="x")
+    b = SynthConfig(**TINY, workers=2, out="y")
+    assert gen.set_key(a, CLASSES) == gen.set_key(b, CLASSES)
+    assert gen.set_key(a, CLASSES) != gen.set_key(SynthConfig(**TINY | {"seed": 1}), CLASSES)
+    assert gen.set_key(a, CLASSES) != gen.set_key(SynthConfig(**TINY, gpus_per_worker=0.5), CLASSES)
+
+
+def test_classes_come_from_config_or_dataset() -> None:
+    cfg = SynthConfig(**TINY | {"classes": None})
+    with pytest.raises(ConfigError, match="synth.classes"):
+        gen.generate(cfg, progress=False)
+    with pytest.raises(ConfigError, match="differ"):
+        gen.generate(SynthConfig(**TINY), class_names=["cat", "bird"], progress=False)
+    assert gen._classes(SynthConfig(model="digits-ddpm"), None) == [str(i) for i in range(10)]
+
+
+def test_model_not_found_is_one_line(env: Path) -> None:
+    with pytest.raises(DataError, match="not a built-in") as e:
+        resolve_model("no-such-org/no-such-model")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="not a built-in"):
+        resolve_model("./no/such/dir")
+    empty = env / "empty-model"
+    empty.mkdir()
+    with pytest.raises(DataError, match="model_index.json"):
+        resolve_model(str(empty))
+
+
+def test_corrupt_or_foreign_parquet_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="Parquet"):
+        load_synthetic(bad, class_names=CLASSES, channels=1, image_size=8)
+    good = tmp_path / "good.parquet"
+    pq.write_table(images_to_table(np.zeros((4, 1, 8, 8), np.uint8), np.array([0, 1, 0, 1]), ["cat", "bird"]), good)
+    with pytest.raises(DataError, match="classes don't match.*bird"):
+        load_synthetic(good, class_names=CLASSES, channels=1, image_size=8)
+    with pytest.raises(DataError, match="1×8×8 but the dataset's are 3×8×8"):
+        load_synthetic(good, class_names=["cat", "bird"], channels=3, image_size=8)
+
+
+# --------------------------------------------------------------------------- Ray Data generation
+# Each test below runs (or reuses) Ray Data generation: ~10-30 s apiece on two cores, hence slow.
+
+
+@pytest.mark.slow
+def test_two_workers_write_a_set_plain_pyarrow_reads(two_workers: Path) -> None:
+    table = pq.read_table(two_workers)  # plain pyarrow, the manifest is skipped
+    assert table.num_rows == 12 and table.column_names == ["image", "label", "label_name"]
+    assert sorted(p.name for p in two_workers.iterdir()) == ["_manifest.json", *[gen.shard_name(s) for s in range(3)]]
+    manifest = gen.read_manifest(two_workers)
+    assert manifest["counts"] == {"cat": 6, "dog": 6} and manifest["prompts"]["dog"] == "a photo of a dog"
+    assert manifest["model"]["id"] == "tiny-random" and manifest["model"]["source"] == "builtin"
+    assert [s["rows"] for s in manifest["shards"]] == [4, 4, 4]
+    assert not two_workers.with_name(two_workers.name + ".partial").exists()
+    s = load_synthetic(two_workers, class_names=["dog", "cat"], channels=1, image_size=8)  # mapped by name
+    assert s.x.shape == (12, 1, 8, 8) and s.y.tolist() == [1] * 6 + [0] * 6
+    assert 0.0 <= s.x.min() and s.x.max() <= 1.0 and s.x.std() > 0
+
+
+@pytest.mark.slow
+def test_one_worker_is_byte_identical_and_cache_hit_loads_nothing(env: Path, two_workers: Path, monkeypatch) -> None:
+    one = gen.generate(SynthConfig(**TINY, workers=1, out=str(env / "w1")), progress=False)
+    assert _files(one) == _files(two_workers) and len(_files(one)) == 3
+    before = {f: f.stat().st_mtime_ns for f in one.iterdir()}
+    monkeypatch.setattr(gen, "resolve_model", _no_model)
+    monkeypatch.setattr(gen, "_run_ray", _no_model)
+    assert gen.generate(SynthConfig(**TINY, workers=2, out=str(one)), progress=False) == one
+    assert {f: f.stat().st_mtime_ns for f in one.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_other_config_in_out_is_refused(two_workers: Path, monkeypatch) -> None:
+    monkeypatch.setattr(gen, "_run_ray", _no_model)
+    with pytest.raises(DataError, match="holds a different synthetic set"):
+        gen.generate(SynthConfig(**TINY | {"seed": 7}, out=str(two_workers)), progress=False)
+    assert not two_workers.with_name(two_workers.name + ".partial").exists()
+    foreign = two_workers.parent / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a synthetic set"):
+        gen.generate(SynthConfig(**TINY, out=str(foreign)), progress=False)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_only_missing_shards(env: Path, two_workers: Path, monkeypatch) -> None:
+    out = env / "resumed"
+    cfg = SynthConfig(**TINY, workers=2, out=str(out))
+    # What a run killed mid-write leaves in <out>.partial (the layout _run_ray writes, checked by hand
+    # against a real kill): its plan, shard 0 complete, shard 2 torn half-way.
+    work = out.with_name("resumed.partial")
+    done, torn = work / "incoming-1a2b3c4d" / "shard=0", work / "incoming-1a2b3c4d" / "shard=2"
+    done.mkdir(parents=True)
+    torn.mkdir(parents=True)
+    shutil.copy(two_workers / gen.shard_name(0), done / "9f8e_000000_000000-0.parquet")
+    (torn / "9f8e_000002_000000-0.parquet").write_bytes((two_workers / gen.shard_name(2)).read_bytes()[:300])
+    (work / gen.PLAN).write_text(f'{{"config_hash": "{gen.set_key(cfg, CLASSES)}"}}')
+    with pytest.raises(DataError, match="no such file"):
+        load_synthetic(out, class_names=CLASSES, channels=1, image_size=8)  # nothing published yet
+
+    asked: list[list[int]] = []
+    real = gen._run_ray
+
+    def spy(spec, cfg, plan, shards, work, progress):
+        asked.append(list(shards))
+        return real(spec, cfg, plan, shards, work, progress)
+
+    monkeypatch.setattr(gen, "_run_ray", spy)
+    assert gen.generate(cfg, progress=False) == out
+    assert asked == [[1, 2]]
+    assert _files(out) == _files(two_workers) and not work.exists()
+
+
+@pytest.mark.slow
+def test_corrupt_set_is_refused_then_repaired(env: Path, two_workers: Path, monkeypatch) -> None:
+    out = env / "repaired"
+    shutil.copytree(two_workers, out)
+    shard = out / gen.shard_name(1)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="corrupt.*shard-00001"):
+        load_synthetic(out, class_names=CLASSES, channels=1, image_size=8)
+    asked: list[list[int]] = []
+    real = gen._run_ray
+
+    def spy(spec, cfg, plan, shards, work, progress):
+        asked.append(list(shards))
+        return real(spec, cfg, plan, shards, work, progress)
+
+    monkeypatch.setattr(gen, "_run_ray", spy)
+    assert gen.generate(SynthConfig(**TINY, out=str(out)), progress=False) == out
+    assert asked == [[1]] and _files(out) == _files(two_workers)
+    load_synthetic(out, class_names=CLASSES, channels=1, image_size=8)
+
+
+@pytest.mark.slow
+def test_resolve_synthetic_and_grid(env: Path, two_workers: Path, monkeypatch) -> None:
+    monkeypatch.setattr(gen, "_run_ray", _no_model)
+    cfg = SynthConfig(**TINY, out=str(two_workers))
+    s = resolve_synthetic("synth", cfg, class_names=CLASSES, channels=1, image_size=8)
+    assert len(s) == 12
+    assert len(resolve_synthetic(str(two_workers), None, class_names=CLASSES, channels=1, image_size=8)) == 12
+    with pytest.raises(ConfigError, match="synth.image_size"):
+        resolve_synthetic("synth", cfg, class_names=CLASSES, channels=1, image_size=28)
+    with pytest.raises(DataError, match="1×8×8 but the dataset's are 3×8×8"):
+        load_synthetic(two_workers, class_names=CLASSES, channels=3, image_size=8)
+    with pytest.raises(DataError, match="only in the dataset: \\['bird'\\]"):
+        load_synthetic(two_workers, class_names=[*CLASSES, "bird"], channels=1, image_size=8)
+    png = env / "grid.png"
+    save_grid(two_workers, png, per_class=3)
+    from PIL import Image
+
+    with Image.open(png) as img:  # 2 rows × 3 columns of 8 px cells with 2 px gaps, upscaled ×7
+        assert img.size == ((3 * 10 + 2) * 7, (2 * 10 + 2) * 7)
+
+
+def test_class_conditional_model_samples_and_refuses_unknown_classes(env: Path) -> None:
+    from dpmix_ray.synth.digits_ddpm import ClassConditional, train
+
+    model = env / "cc-model"
+    train(model, steps=2, progress=False)
+    spec = resolve_model(str(model))
+    assert spec.kind == "class-conditional" and spec.classes == tuple(str(i) for i in range(10))
+    source = ClassConditional(spec.path, class_names=["3", "7"], steps=2, guidance=2.0, device="cpu")
+    a = source([0, 1], [11, 12])
+    assert a.shape == (2, 1, 8, 8) and torch.equal(a, source([0, 1], [11, 12]))
+    with pytest.raises(DataError, match="only knows classes"):
+        ClassConditional(spec.path, class_names=["cat"], steps=2, guidance=2.0, device="cpu")
