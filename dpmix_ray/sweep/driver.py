@@ -24,8 +24,9 @@ import math
 import os
 import pickle
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -327,23 +328,30 @@ def _check_local_resources(res: ResourcesConfig) -> None:
         raise ConfigError(f"resources: a trial asks for {res.cpu:g} CPU / {res.gpu:g} GPU but this machine has {cpus} CPU / {gpus} GPU")
 
 
-def _node_shapes() -> list[dict[str, float]]:
-    """Resources of the live nodes plus every node type the autoscaler may still start."""
+def _slots(shape: dict[str, float], res: ResourcesConfig) -> int:
+    """How many trials of ``res`` fit on one node of ``shape``."""
+    fits = [shape.get("CPU", 0) // res.cpu] + ([shape.get("GPU", 0) // res.gpu] if res.gpu > 0 else [])
+    return int(min(fits))
+
+
+def _cluster_slots(res: ResourcesConfig) -> int:
+    """Trial slots on the live nodes plus on every node the autoscaler may still start.
+
+    Raises ConfigError when a trial fits on no node at all.
+    """
     import ray
 
-    shapes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    types: list[tuple[dict[str, float], int]] = []
     bootstrap = Path("~/ray_bootstrap_config.yaml").expanduser()  # present on a head started by `ray up`
     if bootstrap.is_file():
-        types = (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types", {})
-        shapes += [dict(t.get("resources", {})) for t in types.values()]
-    return shapes
-
-
-def _check_cluster_resources(res: ResourcesConfig) -> None:
-    shapes = _node_shapes()
-    if not any(s.get("CPU", 0) >= res.cpu and s.get("GPU", 0) >= res.gpu for s in shapes):
-        largest = ", ".join(f"{s.get('CPU', 0):g} CPU/{s.get('GPU', 0):g} GPU" for s in shapes) or "none"
-        raise ConfigError(f"resources: a trial asks for {res.cpu:g} CPU / {res.gpu:g} GPU, more than any node offers ({largest})")
+        for t in ((yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types") or {}).values():
+            types.append((dict(t.get("resources") or {}), int(t.get("max_workers", 0))))
+    shapes = live + [shape for shape, _ in types]
+    if not any(_slots(s, res) >= 1 for s in shapes):
+        offered = ", ".join(f"{s.get('CPU', 0):g} CPU/{s.get('GPU', 0):g} GPU" for s in shapes) or "none"
+        raise ConfigError(f"resources: a trial asks for {res.cpu:g} CPU / {res.gpu:g} GPU, more than any node offers ({offered})")
+    return sum(_slots(s, res) for s in live) + sum(n * _slots(s, res) for s, n in types)
 
 
 def _check_storage(storage: str) -> None:
@@ -378,6 +386,30 @@ def _init_ray(address: str | None) -> bool:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
+
+
+@contextmanager
+def _tune_settings(pending: int) -> Iterator[None]:
+    """Tune settings for one fit (a user's own environment variables win), restored afterwards."""
+    wanted = {
+        "RAY_AIR_NEW_OUTPUT": "0",  # our progress view replaces Tune's console output
+        # Tune keeps one trial pending for a custom searcher: on a fresh cluster every slot would wait for the
+        # previous trial's actor to start, and the autoscaler would see demand for one node at a time.
+        "TUNE_MAX_PENDING_TRIALS_PG": str(pending),
+        # num_to_keep=1 snapshots the experiment at every trial checkpoint on purpose; don't warn about it.
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    }
+    ours = {k: v for k, v in wanted.items() if k not in os.environ}
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    os.environ.update(ours)
+    tune_log.setLevel(logging.ERROR)  # e.g. warnings about result files of trials re-run after a resume
+    try:
+        yield
+    finally:
+        for k in ours:
+            os.environ.pop(k, None)
+        tune_log.setLevel(level)
 
 
 def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], progress: bool) -> tune.Tuner:
@@ -424,8 +456,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     groups = build_groups(cfg)
     started = _init_ray(address)
     try:
-        if address is not None:
-            _check_cluster_resources(cfg.resources)
+        slots = _cluster_slots(cfg.resources)
         storage = state.storage_path if state else os.environ.get(STORAGE_ENV) or str(out / TUNE_DIR)
         _check_storage(storage)
         if state is None:
@@ -439,10 +470,8 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
         if state.synthetic is None and _needs_synthetic(cfg, groups):
             state.synthetic = _generate_synthetic(cfg)
             write_state(out, state)
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress view replaces Tune's console output
-        logging.getLogger("ray.tune").setLevel(logging.ERROR)
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        _tuner(cfg, out, state, groups, progress).fit()
+        with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
+            _tuner(cfg, out, state, groups, progress).fit()
     finally:
         if started:
             import ray

@@ -62,13 +62,13 @@ def _load_state() -> dict[str, Any] | None:
 
 def _outcome(record: dict[str, Any], status: str, reason: str | None = None) -> dict[str, Any]:
     """The trial's last report: the Tune metric plus the whole ledger record as one JSON column."""
-    record |= {"status": status, "reason": reason}
+    record |= {"status": status, "reason": reason, "finished_at": time.time()}
     return {METRIC: record.get("val_accuracy"), "trial_status": status, "record_json": json.dumps(record, default=str)}
 
 
 def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str | None = None) -> None:
     """Tune function trainable; ``config`` = {group, phase, index, seed, params} from the searcher."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     cfg = SweepConfig.model_validate(sweep)
     group: Group = next(g for g in build_groups(cfg) if g.key == config["group"])
     saved = _load_state()
@@ -79,7 +79,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str |
     record: dict[str, Any] = {
         "group": group.key, "method": group.method, "epsilon": group.epsilon, "delta": cfg.delta if group.epsilon else None,
         "phase": config["phase"], "index": config["index"], "seed": config["seed"], "params": config["params"],
-        "val_accuracy": None, "test_accuracy": None, "resumed_from_step": saved["train"]["step"] if saved else 0,
+        "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "resumed_from_step": saved["train"]["step"] if saved else 0,
     }
 
     def seconds() -> float:
