@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dpmix_ray.mix import soft_cross_entropy
+from dpmix_ray.models import WSConv2d
 
 Grads = dict[str, torch.Tensor]
 PerExampleFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[Grads, torch.Tensor]]
@@ -65,10 +67,14 @@ def per_example_grads_loop(model: nn.Module, images: torch.Tensor, targets: torc
     return {k: torch.stack(v) for k, v in per.items()}, torch.stack(losses)
 
 
+def _clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 def clip_and_sum(grads: Grads, clip_norm: float) -> tuple[Grads, torch.Tensor]:
     """Σ_i g_i·min(1, C/‖g_i‖): each example contributes a vector of norm ≤ C. Returns (sum, norms)."""
     norms = torch.linalg.vector_norm(torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1), dim=1)
-    factor = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+    factor = _clip_factors(norms, clip_norm)
     return {k: torch.einsum("b,b...->...", factor.to(g.dtype), g) for k, g in grads.items()}, norms
 
 
@@ -93,3 +99,243 @@ def summed_grads_nonprivate(model: nn.Module, images: torch.Tensor, targets: tor
     losses = group_loss(model, images, targets)
     gs = torch.autograd.grad(losses.sum(), list(params.values()))
     return dict(zip(params, gs)), losses.detach()
+
+
+# --------------------------------------------------------------------------- fast path: book-keeping
+#
+# One forward and one backward that forms input gradients only (no parameter is an autograd input, so
+# no weight gradient is computed). A hook on each trainable layer's output receives ∂L/∂y for the whole
+# chunk and, with the input a the layer saw, reduces it to per-example squared norms, folding the
+# example's G images and their spatial positions into one "sequence" of T rows. Per layer the cheaper
+# route by multiply count is taken:
+# - materialise (T·d·p per example): per-example weight gradients are formed and kept; the clipped sum
+#   is then one weighted sum over examples;
+# - ghost (T²·(d+p)): ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t') without forming the gradient; the
+#   clipped sum is then one ordinary weight-gradient call on c-weighted output gradients.
+# Neither route runs a second backward through the network (Opacus's ghost clipping backpropagates
+# Σ_i c_i·ℓ_i a second time), so the step costs one forward, one backward and the norms.
+
+_Finish = Callable[[torch.Tensor], Grads]
+_aten = torch.ops.aten
+_WS_EPS = 1e-5  # WSConv2d's epsilon
+
+
+def _use_ghost(t: int, d: int, p: int) -> bool:
+    """Ghost norm (T²·(d+p) multiplies) beats a materialised T×d by T×p product (T·d·p)."""
+    return t * (d + p) < d * p
+
+
+def _rows(t: torch.Tensor, b: int, features_dim: int) -> torch.Tensor:
+    """[b·G, …] → [b, T, features]: each example's G images and their positions as T rows."""
+    t = t.movedim(features_dim, -1)
+    return t.reshape(b, -1, t.shape[-1])
+
+
+def _zeros(b: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(b, dtype=like.dtype, device=like.device)
+
+
+class _Standardisation:
+    """WSConv2d's w' = (w − mean)·r per output filter (n entries, r = (var + ε)^(−1/2)), and the linear
+    map from ∂L/∂w' back to ∂L/∂w = r·(g − Σg/n − w'·⟨g, w'⟩/n). Its squared norm needs only three
+    per-filter reductions of g, Q = ‖g‖², S = Σg, D = ⟨g, w'⟩: r²·(Q − S²/n − D²·(2n − ‖w'‖²)/n²), so
+    per-example gradients are never mapped one by one; the clipped sum is mapped once."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        flat = w.detach().flatten(1)
+        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        self.n = flat.shape[1]
+        self.r = torch.rsqrt(var + _WS_EPS)
+        self.w_std = (flat - mean) * self.r  # [filters, n]
+        self.w_sq = self.w_std.pow(2).sum(1)
+
+    def sq_norms(self, q: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Per-example squared norms of ∂L/∂w from per-example, per-filter Q, S, D (each [b, filters])."""
+        n = self.n
+        per_filter = q - s.pow(2) / n - d.pow(2) * (2 * n - self.w_sq) / n**2
+        return (self.r[:, 0].pow(2) * per_filter.clamp(min=0)).sum(1)
+
+    def pull_back(self, g: torch.Tensor) -> torch.Tensor:
+        flat = g.flatten(1)
+        s, d = flat.sum(1, keepdim=True), (flat * self.w_std).sum(1, keepdim=True)
+        return (self.r * (flat - s / self.n - self.w_std * d / self.n)).view_as(g)
+
+
+def _linear(mod: nn.Linear, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
+    a2, g2 = _rows(a, b, -1), _rows(gy, b, -1)
+    d, p = a2.shape[-1], g2.shape[-1]
+    bias = g2.sum(1) if mod.bias is not None else None
+    sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
+    if _use_ghost(a2.shape[1], d, p):
+        sq = sq + (torch.bmm(a2, a2.transpose(1, 2)) * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2))
+
+        def weight(c: torch.Tensor) -> torch.Tensor:
+            return (g2 * c[:, None, None]).reshape(-1, p).T @ a2.reshape(-1, d)
+    else:
+        per = torch.bmm(g2.transpose(1, 2), a2)
+        sq = sq + per.flatten(1).pow(2).sum(1)
+
+        def weight(c: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("b,bpd->pd", c, per)
+
+    def finish(c: torch.Tensor) -> Grads:
+        return {"weight": weight(c)} | ({"bias": c @ bias} if bias is not None else {})
+
+    return sq, finish
+
+
+def _conv_ghost(mod: nn.Conv2d, out_shape: torch.Size, b: int) -> bool:
+    t = out_shape[0] // b * out_shape[2] * out_shape[3]
+    return mod.groups == 1 and _use_ghost(t, mod.weight[0].numel(), mod.out_channels)
+
+
+def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
+    """Conv2d, and WSConv2d through :class:`_Standardisation` (gradients are formed or ghosted for w' and
+    mapped back). The ghost route of a WSConv2d needs the layer's output ``out`` (for ⟨g, w'⟩)."""
+    ws = _Standardisation(mod.weight) if isinstance(mod, WSConv2d) else None
+    w_eff = mod.weight.detach() if ws is None else ws.w_std.view_as(mod.weight)
+    g = a.shape[0] // b
+    conv = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, transposed=False, output_padding=(0, 0), groups=mod.groups)
+
+    def weight_grad(gy_: torch.Tensor, a_: torch.Tensor) -> torch.Tensor:
+        return _aten.convolution_backward(gy_, a_, w_eff, None, **conv, output_mask=(False, True, False))[1]
+
+    g2 = _rows(gy, b, 1)  # [b, T, p]
+    bias = g2.sum(1) if mod.bias is not None else None
+    sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
+    if _conv_ghost(mod, gy.shape, b):
+        a2 = _rows(F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), b, 1)  # [b, T, n]
+        q = (torch.bmm(torch.bmm(a2, a2.transpose(1, 2)), g2) * g2).sum(1)  # per-filter ‖∂L/∂w'_o‖², [b, p]
+        if ws is None:
+            sq = sq + q.sum(1)
+        else:
+            assert out is not None
+            y = _rows(out if mod.bias is None else out - mod.bias.detach()[:, None, None], b, 1)  # a_t·w'_o
+            sq = sq + ws.sq_norms(q, torch.einsum("btp,bt->bp", g2, a2.sum(2)), (g2 * y).sum(1))
+
+        def weight(c: torch.Tensor) -> torch.Tensor:
+            return weight_grad(gy * c.repeat_interleave(g)[:, None, None, None], a)
+    else:
+        per = torch.stack([weight_grad(gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g]) for i in range(b)])
+        flat = per.flatten(2)  # [b, p, n]
+        if ws is None:
+            sq = sq + flat.flatten(1).pow(2).sum(1)
+        else:
+            sq = sq + ws.sq_norms(torch.linalg.vector_norm(flat, dim=2).pow(2), flat.sum(2), torch.einsum("bpn,pn->bp", flat, ws.w_std))
+
+        def weight(c: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("b,b...->...", c, per)
+
+    def finish(c: torch.Tensor) -> Grads:
+        w = weight(c)
+        return {"weight": w if ws is None else ws.pull_back(w)} | ({"bias": c @ bias} if bias is not None else {})
+
+    return sq, finish
+
+
+def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
+    """Affine GroupNorm: per-example gradients are C-sized, so always formed: Σ g·x̂ and Σ g."""
+    x_hat = F.group_norm(a, mod.num_groups, eps=mod.eps)
+    shape = (b, -1, a.shape[1], x_hat[0, 0].numel())
+    gw, gb = (gy * x_hat).reshape(shape).sum((1, 3)), gy.reshape(shape).sum((1, 3))
+    return gw.pow(2).sum(1) + gb.pow(2).sum(1), lambda c: {"weight": c @ gw, "bias": c @ gb}
+
+
+_Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor, int], tuple[torch.Tensor, _Finish]]
+_RULES: dict[type[nn.Module], _Rule] = {nn.Linear: _linear, nn.Conv2d: _conv2d, WSConv2d: _conv2d, nn.GroupNorm: _group_norm}
+
+
+def _needs_output(mod: nn.Module, out: torch.Tensor, b: int) -> bool:
+    return isinstance(mod, WSConv2d) and _conv_ghost(mod, out.shape, b)
+
+
+def _fast_layers(model: nn.Module) -> dict[nn.Module, str] | None:
+    """Each trainable layer with its name prefix, or None when a trainable parameter sits where no rule
+    applies (another layer type, a partly frozen layer, a shared parameter, a non-zero padding mode)."""
+    layers: dict[nn.Module, str] = {}
+    for prefix, mod in model.named_modules():
+        own = list(mod.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
+            continue
+        if type(mod) not in _RULES or not all(p.requires_grad for p in own):
+            return None
+        if isinstance(mod, nn.Conv2d) and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+            return None
+        layers[mod] = prefix
+    if sum(len(list(m.parameters(recurse=False))) for m in layers) != len(trainable(model)):
+        return None
+    return layers
+
+
+def supports_fast(model: nn.Module) -> bool:
+    """Whether :func:`clipped_sum_fast` has a rule for every trainable parameter of ``model``."""
+    return _fast_layers(model) is not None
+
+
+def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, clip_norm: float) -> tuple[Grads, torch.Tensor, torch.Tensor]:
+    """Σ_i clip_C(∇θ ℓ_i) over the group-mean losses ℓ_i, never forming the whole model's per-example gradients.
+
+    The same mechanism as ``clip_and_sum(per_example_grads_vmap(...))``: same norms, same factors
+    min(1, C/(‖g_i‖ + 1e-6)). Returns (clipped sum, norms [b], losses [b]). Each trainable layer must
+    run once per forward, downstream of the first one to run (true of the project's models).
+    """
+    layers = _fast_layers(model)
+    if layers is None:
+        raise ValueError("clipped_sum_fast: the model has trainable parameters outside Linear/Conv2d/WSConv2d/GroupNorm layers")
+    b = images.shape[0]
+    pieces: dict[nn.Module, tuple[torch.Tensor, _Finish]] = {}
+    ran: list[nn.Module] = []
+    first: list[torch.Tensor] = []
+
+    def on_forward(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if mod in ran:
+            raise RuntimeError(f"clipped_sum_fast: layer '{layers[mod]}' ran twice in one forward")
+        ran.append(mod)
+        # Held only until this layer's hook runs (autograd saves a for its own backward anyway); no
+        # output is held past the forward unless a rule needs it.
+        saved = [inputs[0].detach(), out.detach() if _needs_output(mod, out, b) else None]
+
+        def on_grad(gy: torch.Tensor) -> None:
+            a, y = saved
+            saved.clear()
+            with torch.no_grad():
+                pieces[mod] = _RULES[type(mod)](mod, a, y, gy, b)
+
+        out.register_hook(on_grad)
+        if not first:
+            first.append(out)
+
+    handles = [m.register_forward_hook(on_forward) for m in layers]
+    try:
+        losses = group_loss(model, images, targets)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(ran) != len(layers):
+        raise RuntimeError("clipped_sum_fast: some trainable layer did not run in the forward")
+    # Differentiating w.r.t. the first layer's output runs every hook and forms no weight gradient.
+    torch.autograd.grad(losses.sum(), first)
+    if len(pieces) != len(layers):
+        missed = [name for mod, name in layers.items() if mod not in pieces]
+        raise RuntimeError(f"clipped_sum_fast: layers {missed} are not downstream of the first trainable layer")
+    norms = torch.stack([sq for sq, _ in pieces.values()]).sum(0).sqrt()
+    factors = _clip_factors(norms, clip_norm)
+    summed: Grads = {}
+    for mod, (_, finish) in pieces.items():
+        summed.update({f"{layers[mod]}.{k}" if layers[mod] else k: g for k, g in finish(factors).items()})
+    return {k: summed[k] for k in trainable(model)}, norms, losses.detach()
+
+
+def clipped_sum(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, clip_norm: float, per_example_fn: PerExampleFn | None = None
+) -> tuple[Grads, torch.Tensor]:
+    """The clipped sum and the losses of one chunk, as the trainer needs them.
+
+    ``per_example_fn=None`` takes :func:`clipped_sum_fast` when the model allows it, else vmap; a given
+    ``per_example_fn`` (the microbatch reference, a test's stand-in) is followed by :func:`clip_and_sum`.
+    """
+    if per_example_fn is None and supports_fast(model):
+        summed, _, losses = clipped_sum_fast(model, images, targets, clip_norm)
+        return summed, losses
+    per, losses = (per_example_fn or per_example_grads_vmap)(model, images, targets)
+    return clip_and_sum(per, clip_norm)[0], losses
