@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from dpmix_ray.config import SweepConfig
-from dpmix_ray.sweep.plan import Group, build_groups, guarantee
+from dpmix_ray.sweep.plan import Group, build_groups, guarantee, guarantee_label
 from dpmix_ray.sweep.state import CONFIG_FILE, LEDGER_FILE, OPTUNA_FILE, best_search_record, read_config, read_records, read_state
 
 BEST_STEM = "best_per_epsilon"
@@ -89,6 +89,7 @@ def best_rows(cfg: SweepConfig, records: list[dict[str, Any]], counts: dict[str,
             "epsilon": g.epsilon,
             "delta": cfg.delta if g.epsilon is not None else None,
             "guarantee": guarantee(cfg, g),
+            "covers": guarantee_label(cfg, g),
             "trials_planned": counts.get(g.key),
             **{f"trials_{s}": n for s, n in by_status.items()},
             "best_trial": best["index"] if best else None,
@@ -127,7 +128,7 @@ def _display(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "method": r["method"],
             "ε": _fmt(r["epsilon"]),
             "δ": _fmt(r["delta"]),
-            "ε covers": r["guarantee"],
+            "ε covers": r["covers"],
             "trials (done/planned)": f"{r['trials_completed']}/{r['trials_planned']}",
             "best hyperparameters": _fmt(r["hyperparameters"]),
             "val acc": _fmt(r["val_accuracy"]),

@@ -337,3 +337,31 @@ def test_crashed_worker_is_retried_from_its_checkpoint(tmp_path: Path, local_ray
     runner.join(timeout=180)
     [record] = S.read_records(out)
     assert record["status"] == "completed" and record["retries"] == 1 and record["resumed_from_step"] > 0
+
+
+def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from dpmix_ray.sweep.driver import GroupedScheduler
+
+    sched = GroupedScheduler(max_t=9)
+
+    def trial(tid: str, group: str, phase: str = "search") -> Any:
+        return SimpleNamespace(trial_id=tid, config={"group": group, "phase": phase})
+
+    def epoch(t: Any, it: int, val: float) -> str:
+        return sched.on_trial_result(None, t, {"training_iteration": it, "val_accuracy": val})
+
+    good8, bad8, lone1 = trial("a", "m@eps=8"), trial("b", "m@eps=8"), trial("c", "m@eps=1")
+    final = trial("d", "m@eps=8", "final")
+    for t in (good8, bad8, lone1, final):
+        sched.on_trial_add(None, t)
+    assert epoch(good8, 1, 0.9) == TrialScheduler.CONTINUE
+    assert epoch(bad8, 1, 0.1) == TrialScheduler.STOP  # worse than its own ε's rung
+    assert epoch(lone1, 1, 0.05) == TrialScheduler.CONTINUE  # far worse, but alone at ε=1
+    assert epoch(final, 1, 0.0) == TrialScheduler.CONTINUE  # final re-runs are never stopped
+    refused = {"training_iteration": 1, "val_accuracy": None, "trial_status": "pruned"}
+    assert sched.on_trial_result(None, trial("e", "m@eps=1"), refused) == TrialScheduler.CONTINUE
+    sched.on_trial_complete(None, lone1, {"training_iteration": 2, "val_accuracy": None, "trial_status": "failed"})

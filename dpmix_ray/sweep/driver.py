@@ -384,7 +384,10 @@ def _init_ray(address: str | None) -> bool:
         return False
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"--address {address}: {str(e).strip().splitlines()[0]}") from None
     return True
 
 

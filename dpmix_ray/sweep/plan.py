@@ -240,6 +240,15 @@ def guarantee(cfg: SweepConfig, group: Group) -> str:
     return "one trial only: ε covers a single training run, NOT the selection over the search"
 
 
+def guarantee_label(cfg: SweepConfig, group: Group) -> str:
+    """:func:`guarantee` in a few words, for table cells."""
+    if group.epsilon is None:
+        return "none (non-private)"
+    if not group.space:
+        return "one run (nothing tuned)"
+    return "whole search" if uses_tuning_calibration(cfg, group) else "one trial, not the search"
+
+
 def assert_within_budget(record: dict[str, Any]) -> None:
     """Raise BudgetError if a completed trial spent more than its target (must never happen)."""
     target, spent = record.get("trial_epsilon"), record.get("epsilon_spent")
