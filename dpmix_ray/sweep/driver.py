@@ -314,7 +314,7 @@ def _trial_name(trial: Any) -> str:
 def _max_epochs(cfg: SweepConfig) -> int:
     """ASHA's horizon in epoch reports (σ searched: epochs are derived, so a generous bound)."""
     if "optim.epochs" in cfg.space:
-        return max(1, math.ceil(float(next(iter(cfg.space["optim.epochs"].values()))[-1])))
+        return max(1, math.ceil(max(float(v) for v in next(iter(cfg.space["optim.epochs"].values())))))
     return max(1, math.ceil(cfg.base.optim.epochs)) if cfg.base.optim.epochs is not None else 100
 
 
