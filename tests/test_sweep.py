@@ -365,3 +365,23 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
     refused = {"training_iteration": 1, "val_accuracy": None, "trial_status": "pruned"}
     assert sched.on_trial_result(None, trial("e", "m@eps=1"), refused) == TrialScheduler.CONTINUE
     sched.on_trial_complete(None, lone1, {"training_iteration": 2, "val_accuracy": None, "trial_status": "failed"})
+
+
+@pytest.mark.slow
+def test_synthetic_set_is_generated_once_and_never_on_resume(tmp_path: Path, local_ray: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dpmix_ray.sweep.driver as D
+    from dpmix_ray.sweep import run_sweep
+
+    synth = {"model": "tiny-random", "images_per_class": 2, "image_size": 8, "channels": 1, "steps": 2, "batch_size": 4,
+             "workers": 1, "out": str(tmp_path / "synth")}
+    base = TINY_BASE | {"method": "dpmix_diff", "mix": {"aug_multiplicity": 2, "self_mix": 1, "diff_mix": 1, "synthetic": "synth"}, "synth": synth}
+    cfg = sweep(base=base, epsilons=[4], search__trials_per_epsilon=1, final__seeds=0)
+    out = run_sweep(cfg, out=tmp_path / "out", progress=False)
+    state = S.read_state(out)
+    assert state.synthetic == str(tmp_path / "synth")
+    [record] = S.read_records(out)
+    assert record["status"] == "completed" and record["config"]["mix"]["synthetic"] == state.synthetic
+
+    monkeypatch.setattr(D, "_generate_synthetic", lambda _cfg: pytest.fail("regenerated on resume"))
+    run_sweep(cfg, out=out, resume=True, progress=False)
+    assert S.read_state(out).resumes == 1
