@@ -385,3 +385,18 @@ def test_synthetic_set_is_generated_once_and_never_on_resume(tmp_path: Path, loc
     monkeypatch.setattr(D, "_generate_synthetic", lambda _cfg: pytest.fail("regenerated on resume"))
     run_sweep(cfg, out=out, resume=True, progress=False)
     assert S.read_state(out).resumes == 1
+
+
+@pytest.mark.slow
+def test_ray_client_mode_runs_the_sweep_on_the_head_and_copies_outputs_back(tmp_path: Path, local_ray: str) -> None:
+    """``--address ray://…`` minus the Ray Client transport (grpc is not installed here): the sweep runs in
+    a task pinned to the head node and its outputs come back as bytes (here head and client share a disk)."""
+    from dpmix_ray.sweep.driver import run_on_head
+
+    cfg = sweep(epsilons=[8], space={}, final__seeds=0)
+    out = run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)
+    assert out == tmp_path / "local"
+    assert [r["status"] for r in S.read_records(out)] == ["completed"]
+    assert (out / "report.html").is_file() and (out / "best_per_epsilon.json").is_file()
+    with pytest.raises(ConfigError, match="already holds"):  # the head's copy is the sweep's identity
+        run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)

@@ -386,6 +386,8 @@ def _init_ray(address: str | None) -> bool:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"--address {address}: Ray Client needs {e.name}: pip install 'ray[client]=={ray.__version__}'") from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"--address {address}: {str(e).strip().splitlines()[0]}") from None
     return True
@@ -449,8 +451,50 @@ def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], 
     )
 
 
+def _sweep_on_head(cfg_json: str, out: str, resume: bool) -> dict[str, bytes]:
+    """Runs inside a Ray task on the head: the whole sweep, then its outputs (without Tune's files) as bytes."""
+    done = run_sweep(SweepConfig.model_validate_json(cfg_json), out=Path(out).expanduser(), resume=resume, address="auto", progress=False)
+    return {p.relative_to(done).as_posix(): p.read_bytes() for p in done.rglob("*") if p.is_file() and TUNE_DIR not in p.relative_to(done).parts}
+
+
+def run_on_head(cfg: SweepConfig, *, out: Path, resume: bool, address: str, progress: bool) -> Path:
+    """``--address ray://…``: Ray Client would run Tune's driver on the head anyway, with ``out`` meaning a
+    path there. So the whole sweep runs on the head (a relative ``out`` under the head's home), and its
+    outputs are copied back into ``out`` here; ``--resume`` continues the head's copy."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from dpmix_ray.errors import DPMixError
+
+    check_sweep(cfg)
+    started = _init_ray(address)
+    try:
+        head_out = out.as_posix() if out.is_absolute() else f"~/{out.as_posix()}"
+        task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_sweep_on_head)
+        try:
+            files = ray.get(task.remote(cfg.model_dump_json(), head_out, resume))
+        except RayTaskError as e:
+            if isinstance(e.cause, DPMixError):
+                raise e.cause from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    out = out.resolve()
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    if progress:
+        from dpmix_ray.report import summary_table
+
+        print(summary_table(out))
+    return out
+
+
 def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str | None = None, progress: bool = True) -> Path:
     """Run (or resume) a sweep into ``out``; returns ``out``. Bad input raises ConfigError before anything starts."""
+    if address is not None and address.startswith("ray://"):
+        return run_on_head(cfg, out=Path(out), resume=resume, address=address, progress=progress)
     out = Path(out).resolve()
     check_sweep(cfg)
     state = check_out_dir(out, cfg, resume=resume)
