@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=96)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, help="default: the model's own")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -70,11 +70,12 @@ def main() -> None:
     from dpmix_ray.config import SynthConfig
     from dpmix_ray.synth import generate
     from dpmix_ray.synth.pipelines import resolve_model
-    from dpmix_ray.synth.sets import _cpu_share
+    from dpmix_ray.synth.sets import _cpu_share, guidance_of
 
     cpus = os.cpu_count() or 1
     threads = max(1, int(_cpu_share(cpus, cpus, 1)))  # what one Ray CPU worker gets here
-    resolve_model(args.model)  # build / train a built-in once, outside every timing
+    spec = resolve_model(args.model)  # build / train a built-in once, outside every timing
+    args.guidance = guidance_of(SynthConfig(guidance=args.guidance), spec)
     total = args.classes * args.images_per_class
     result: dict[str, object] = {"model": args.model, "images": total, "steps": args.steps, "cpus": cpus, "threads_per_worker": threads}
     with tempfile.TemporaryDirectory() as tmp:

@@ -61,7 +61,7 @@ class SynthConfig(_Strict):
     image_size: int = Field(28, ge=4)
     channels: Literal[1, 3] = 1
     steps: int = Field(25, ge=1)
-    guidance: float = Field(7.5, ge=0.0)
+    guidance: float | None = Field(None, ge=0.0, description="classifier-free guidance; null = the model's default")
     seed: int = 0
     workers: int = Field(2, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0.0)

@@ -9,7 +9,8 @@ minutes on two CPU cores and happens once; the result is cached under
 Model format (``dpmix_model.json`` + ``unet/`` + ``scheduler/``, safetensors): a diffusers
 ``UNet2DModel`` with a class embedding of ``len(classes) + 1`` entries, the last being the "no class"
 token used for classifier-free guidance, and the DDPM scheduler config it was trained with. Sampling
-uses DDIM (η = 0) so an image depends only on its seed; ``synth.guidance`` is the CFG scale.
+uses DDIM (η = 0) so an image depends only on its seed; ``synth.guidance`` is the CFG scale (null: the
+model's ``default_guidance``, 1.5 here; the text-to-image default of 7.5 ruins digits).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ MODEL_DIR = "digits-ddpm-v1"  # bump when the recipe below changes
 TRAIN_STEPS = 2000
 BATCH = 128
 NULL_LABEL_RATE = 0.1  # share of training labels replaced by "no class" for classifier-free guidance
+# The guidance scale for synth.guidance: null. Measured with a logistic regression fitted on the digits
+# themselves, on 200 samples at 25 DDIM steps: 94% recognised at 1.0, 98% at 1.5, 88% at 2, 36% at 3,
+# 10% (chance) at 7.5. A model this small saturates under strong guidance.
+DEFAULT_GUIDANCE = 1.5
 
 
 def ensure_digits_ddpm(*, progress: bool = True) -> Path:
@@ -108,6 +113,7 @@ def _fit(out: Path, x: torch.Tensor, y: torch.Tensor, classes: list[str], *, ste
         "format": "dpmix-class-conditional-ddpm/1",
         "classes": classes,
         "null_class": null,
+        "default_guidance": DEFAULT_GUIDANCE,
         "channels": 1,
         "native_size": 8,
         "trained_on": "sklearn.datasets.load_digits (public UCI optical digits, 1797 images)",

@@ -1,14 +1,8 @@
-"""A PNG grid of a synthetic set (one row per class) for the README.
-
-Command: ``python -m dpmix_ray.synth.grid SET_DIR_OR_CONFIG.yaml OUT.png [--per-class N] [--set k=v …]``.
-Given a config file it first generates (or reuses) the config's ``synth`` set.
-"""
+"""A PNG grid of a synthetic set (one row per class) for the README; ``python -m dpmix_ray.synth`` draws it."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,14 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dpmix_ray.errors import DPMixError
+from dpmix_ray.synth.sets import read_set
 
 
 def save_grid(path_to_set: str | Path, png_path: str | Path, per_class: int = 8) -> None:
     """Write the first ``per_class`` images of every class, one class per row, upscaled to ≥ 56 px."""
-    from dpmix_ray.synth.sets import _read_set
-
-    x, y, names = _read_set(Path(path_to_set).expanduser())
+    x, y, names = read_set(Path(path_to_set).expanduser())
     pad = 2
     size = x.shape[-1]
     scale = max(1, -(-56 // size))
@@ -46,29 +38,3 @@ def save_grid(path_to_set: str | Path, png_path: str | Path, per_class: int = 8)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     img.save(tmp, format="PNG")
     os.replace(tmp, out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpmix_ray.synth.grid", description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a synthetic set directory, or a config file with a synth section")
-    parser.add_argument("png", help="where to write the PNG grid")
-    parser.add_argument("--per-class", type=int, default=8)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a synth config key")
-    args = parser.parse_args(argv)
-    try:
-        source = Path(args.source)
-        if source.is_file():
-            from dpmix_ray.config import load_synth_config
-            from dpmix_ray.synth.sets import generate
-
-            source = generate(load_synth_config(source, args.set))
-        save_grid(source, args.png, per_class=args.per_class)
-    except DPMixError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(args.png)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -36,6 +36,7 @@ TINY_RANDOM = "tiny-random"
 DIGITS_DDPM = "digits-ddpm"
 BUILTINS = (TINY_RANDOM, DIGITS_DDPM)
 CLASS_CONDITIONAL_FILE = "dpmix_model.json"
+TEXT_TO_IMAGE_GUIDANCE = 7.5  # diffusers' Stable Diffusion default, used when synth.guidance is null
 # Bump when the code that builds a built-in changes, so an old cached copy is never reused.
 _TINY_RANDOM_DIR = "tiny-random-sd-v1"
 # Hub snapshots: pipeline configs and safetensors weights of the components a text-to-image pipeline
@@ -60,17 +61,21 @@ class ModelSpec:
     revision: str | None
     kind: Literal["text-to-image", "class-conditional"]
     classes: tuple[str, ...] | None  # the class names a class-conditional model knows
+    default_guidance: float  # used when synth.guidance is null
 
     def manifest(self) -> dict[str, object]:
         return {"source": self.source, "id": self.id, "path": self.path, "revision": self.revision, "kind": self.kind}
 
 
-def _kind_of(path: Path) -> tuple[Literal["text-to-image", "class-conditional"], tuple[str, ...] | None]:
+_Kind = tuple[Literal["text-to-image", "class-conditional"], tuple[str, ...] | None, float]
+
+
+def _kind_of(path: Path) -> _Kind:
     if (path / CLASS_CONDITIONAL_FILE).is_file():
         meta = json.loads((path / CLASS_CONDITIONAL_FILE).read_text())
-        return "class-conditional", tuple(str(c) for c in meta["classes"])
+        return "class-conditional", tuple(str(c) for c in meta["classes"]), float(meta.get("default_guidance", 1.0))
     if (path / "model_index.json").is_file():
-        return "text-to-image", None
+        return "text-to-image", None, TEXT_TO_IMAGE_GUIDANCE
     raise DataError(f"synth.model: {path} is neither a diffusers pipeline (model_index.json) nor a {CLASS_CONDITIONAL_FILE} model")
 
 
@@ -86,15 +91,14 @@ def weights_digest(path: Path) -> str:
 
 
 def _local(source: Literal["builtin", "local"], model_id: str, path: Path) -> ModelSpec:
-    kind, classes = _kind_of(path)
-    return ModelSpec(source, model_id, str(path), weights_digest(path), kind, classes)
+    return ModelSpec(source, model_id, str(path), weights_digest(path), *_kind_of(path))
 
 
 def _hub(model_id: str, revision: str | None) -> ModelSpec:
     """Find ``model_id`` in the hub cache, else download it; any failure is one DataError line."""
     from huggingface_hub import snapshot_download
 
-    kwargs = {"repo_id": model_id, "revision": revision, "allow_patterns": _HUB_ALLOW, "ignore_patterns": _HUB_IGNORE}
+    kwargs = _hub_kwargs(model_id, revision)
     try:
         path = Path(snapshot_download(**kwargs, local_files_only=True))
     except Exception:  # noqa: BLE001 - any miss in the cache means "try the network"
@@ -106,8 +110,28 @@ def _hub(model_id: str, revision: str | None) -> ModelSpec:
                 f"synth.model: '{model_id}' is not a built-in ({', '.join(BUILTINS)}), not a local directory, "
                 f"and not in the Hugging Face cache nor downloadable ({reason})"
             ) from None
-    kind, classes = _kind_of(path)
-    return ModelSpec("hub", model_id, str(path), path.name, kind, classes)
+    return ModelSpec("hub", model_id, str(path), path.name, *_kind_of(path))
+
+
+def _hub_kwargs(model_id: str, revision: str | None) -> dict[str, object]:
+    return {"repo_id": model_id, "revision": revision, "allow_patterns": _HUB_ALLOW, "ignore_patterns": _HUB_IGNORE}
+
+
+def path_on_this_node(spec: ModelSpec) -> str:
+    """The model directory on the node an actor runs on.
+
+    The driver resolved ``spec`` on its own node; on another node without a shared cache, a hub model
+    is fetched at the exact commit the driver saw, and a built-in is rebuilt (trained) locally.
+    """
+    if Path(spec.path).is_dir():
+        return spec.path
+    if spec.source == "hub":
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(**_hub_kwargs(spec.id, spec.revision))
+    if spec.source == "builtin":
+        return resolve_model(spec.id, progress=False).path
+    raise DataError(f"synth.model: {spec.path} is not on this node; put local models on a filesystem every node mounts")
 
 
 def resolve_model(model: str, revision: str | None = None, *, progress: bool = True) -> ModelSpec:
@@ -213,13 +237,14 @@ class TextToImage:
 
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         kwargs: dict[str, object] = {"local_files_only": True, "use_safetensors": True, "dtype": dtype}
-        index = json.loads((Path(spec.path) / "model_index.json").read_text())
+        path = path_on_this_node(spec)
+        index = json.loads((Path(path) / "model_index.json").read_text())
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
-            self.pipe = DiffusionPipeline.from_pretrained(spec.path, **kwargs).to(device)
+            self.pipe = DiffusionPipeline.from_pretrained(path, **kwargs).to(device)
         except (OSError, ValueError) as e:
-            raise DataError(f"synth.model: cannot load {spec.path} offline as safetensors ({' '.join(str(e).split())[:160]})") from None
+            raise DataError(f"synth.model: cannot load {path} offline as safetensors ({' '.join(str(e).split())[:160]})") from None
         self.pipe.set_progress_bar_config(disable=True)
         self.prompts = [prompt.format(label=name) for name in class_names]
         self.steps, self.guidance = steps, guidance
@@ -248,7 +273,7 @@ def load_source(spec: ModelSpec, *, class_names: list[str], prompt: str, steps: 
     if spec.kind == "class-conditional":
         from dpmix_ray.synth.digits_ddpm import ClassConditional
 
-        return ClassConditional(spec.path, class_names=class_names, steps=steps, guidance=guidance, device=device)
+        return ClassConditional(path_on_this_node(spec), class_names=class_names, steps=steps, guidance=guidance, device=device)
     return TextToImage(spec, class_names=class_names, prompt=prompt, steps=steps, guidance=guidance, device=device)
 
 

@@ -140,6 +140,10 @@ class ShardGenerator:
         return pa.concat_tables(out)
 
 
+def guidance_of(cfg: SynthConfig, spec: ModelSpec) -> float:
+    return cfg.guidance if cfg.guidance is not None else spec.default_guidance
+
+
 def _cpu_share(total: float, largest_node: float, workers: int) -> float:
     """Logical CPUs per CPU actor: all but one core, split evenly, at most one node's worth less one.
 
@@ -158,6 +162,9 @@ def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], w
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=progress)
+        deadline = time.monotonic() + 10  # the raylet reports its CPUs a moment after init returns
+        while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+            time.sleep(0.1)
     try:
         resources = ray.cluster_resources()
         if cfg.gpus_per_worker > 0 and resources.get("GPU", 0.0) < cfg.gpus_per_worker:
@@ -179,7 +186,7 @@ def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], w
             ShardGenerator,
             fn_constructor_kwargs={
                 "spec": spec, "classes": list(plan.classes), "prompt": cfg.prompt, "steps": cfg.steps,
-                "guidance": cfg.guidance, "image_size": cfg.image_size, "channels": cfg.channels,
+                "guidance": guidance_of(cfg, spec), "image_size": cfg.image_size, "channels": cfg.channels,
                 "device": device, "threads": threads, "plan": plan,
             },
             batch_size=plan.shard_size,
@@ -367,6 +374,7 @@ def _manifest(cfg: SynthConfig, key: str, spec: ModelSpec, plan: Plan, work: Pat
         "prompts": {c: cfg.prompt.format(label=c) for c in plan.classes} if text else None,
         "classes": list(plan.classes),
         "counts": {c: plan.images_per_class for c in plan.classes},
+        "guidance": guidance_of(cfg, spec),
         "image_size": cfg.image_size,
         "channels": cfg.channels,
         "shards": [
@@ -392,7 +400,7 @@ def _publish(work: Path, out: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_set(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_set(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A set dir (checksums verified against its manifest) or any file ``read_labelled_images`` reads."""
     if not (path.is_dir() and (path / MANIFEST).is_file()):
         return read_labelled_images(path)
@@ -419,7 +427,7 @@ def load_synthetic(path: str | Path, *, class_names: list[str], channels: int, i
     resolution or channel count differ from the dataset's.
     """
     p = Path(path).expanduser()
-    x, y, names = _read_set(p)
+    x, y, names = read_set(p)
     if len(y) == 0:
         raise DataError(f"{p}: synthetic set holds no images")
     if tuple(x.shape[1:]) != (channels, image_size, image_size):
