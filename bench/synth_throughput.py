@@ -70,7 +70,7 @@ def main() -> None:
     from dpmix_ray.config import SynthConfig
     from dpmix_ray.synth import generate
     from dpmix_ray.synth.pipelines import resolve_model
-    from dpmix_ray.synth.sets import _cpu_share, guidance_of
+    from dpmix_ray.synth.sets import _cpu_share, guidance_of, wait_for_cpus
 
     cpus = os.cpu_count() or 1
     threads = max(1, int(_cpu_share(cpus, cpus, 1)))  # what one Ray CPU worker gets here
@@ -78,6 +78,8 @@ def main() -> None:
     args.guidance = guidance_of(SynthConfig(guidance=args.guidance), spec)
     total = args.classes * args.images_per_class
     result: dict[str, object] = {"model": args.model, "images": total, "steps": args.steps, "cpus": cpus, "threads_per_worker": threads}
+    # Other processes on the machine take cores from the 2-worker run first: report the load.
+    result["load_avg_before"] = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         bare_dir = Path(tmp) / "bare"
         bare_dir.mkdir()
@@ -90,6 +92,7 @@ def main() -> None:
         print(f"bare loop: {bare:.2f} images/s", file=sys.stderr)
 
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        wait_for_cpus()
         ips: dict[str, float] = {}
         for w in args.workers:
             cfg = SynthConfig(
@@ -106,6 +109,7 @@ def main() -> None:
         ray.shutdown()
     ratios = {w: v / int(w) / bare for w, v in ips.items()}
     result |= {
+        "load_avg_after": round(os.getloadavg()[0], 2),
         "bare_images_per_second": round(bare, 3),
         "images_per_second": {w: round(v, 3) for w, v in ips.items()},
         "ratio_per_worker_by_workers": {w: round(r, 3) for w, r in ratios.items()},

@@ -154,6 +154,15 @@ def _cpu_share(total: float, largest_node: float, workers: int) -> float:
     return min(spare / workers, max(largest_node - 1.0, largest_node / 2))
 
 
+def wait_for_cpus(timeout_s: float = 10.0) -> None:
+    """The raylet reports its CPUs a moment after ``ray.init`` returns; Ray Data warns of a hang before."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], work: Path, progress: bool) -> Path:
     """Generate ``shards`` with an actor pool of ``cfg.workers`` and write them with ``write_parquet``."""
     import ray
@@ -162,9 +171,7 @@ def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], w
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=progress)
-        deadline = time.monotonic() + 10  # the raylet reports its CPUs a moment after init returns
-        while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_cpus()
     try:
         resources = ray.cluster_resources()
         if cfg.gpus_per_worker > 0 and resources.get("GPU", 0.0) < cfg.gpus_per_worker:
