@@ -285,7 +285,7 @@ run_sweep(cfg, out=sys.argv[2], address=sys.argv[3], progress=False)
 def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, local_ray: str) -> None:
     from dpmix_ray.sweep import run_sweep
 
-    cfg = sweep(base=TINY_BASE | {"optim": {"batch_size": 32, "epochs": 3, "lr": 1.0}})
+    cfg = sweep(base=TINY_BASE | {"optim": {"batch_size": 32, "epochs": 2, "lr": 1.0}})
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, cfg.model_dump_json(), str(out), local_ray], start_new_session=True)
     deadline = time.time() + 120

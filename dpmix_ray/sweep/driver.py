@@ -77,17 +77,16 @@ class _Study(OptunaSearch):
     def finish(self, trial_id: str, *, value: float | None, state: TrialState) -> None:
         try:
             self._ot_study.tell(self._ot_trials[trial_id], value if state == TrialState.COMPLETE else None, state=state)
-        except (RuntimeError, ValueError) as e:  # already told before a kill, and re-reported after the resume
+        except ValueError as e:  # already told before a kill, and re-reported after the resume
             log.info("optuna: %s", e)
         self._completed_trials.add(trial_id)
 
-    def fail_orphans(self) -> int:
-        """Mark Optuna trials left RUNNING by a kill before Tune's last snapshot as FAIL; returns how many."""
+    def fail_orphans(self) -> None:
+        """Mark Optuna trials left RUNNING by a kill before Tune's last snapshot as FAIL (Tune will never finish them)."""
         known = {t.number for t in self._ot_trials.values()}
-        orphans = [t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in known]
-        for number in orphans:
-            self._ot_study.tell(number, state=TrialState.FAIL)
-        return len(orphans)
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in known:
+                self._ot_study.tell(t.number, state=TrialState.FAIL)
 
 
 def _make_study(cfg: SweepConfig, group: Group, index: int, count: int, storage: optuna.storages.BaseStorage) -> _Study:
@@ -121,7 +120,7 @@ class GroupedSearcher(Searcher):
         self._finals = {k: 0 for k in self._keys}
         self._open: dict[str, set[str]] = {k: set() for k in self._keys}
         self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> the config it was issued
-        self._best: dict[str, dict[str, Any]] = {}  # group -> (value, config) of its best completed search trial
+        self._best: dict[str, dict[str, Any]] = {}  # group -> value, index, params of its best completed search trial
         self._next = 0
 
     def _search_over(self, key: str) -> bool:
@@ -157,7 +156,10 @@ class GroupedSearcher(Searcher):
         issued = self._trials[trial_id]
         study = self._studies[issued["group"]]
         if issued["phase"] == "search" and study is not None and "trial_status" not in result and result.get(METRIC) is not None:
-            study.on_trial_result(trial_id, result)
+            try:
+                study.on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:  # told before a kill, re-trained after the resume
+                pass
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         issued = self._trials[trial_id]
