@@ -163,7 +163,7 @@ def wait_for_cpus(timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], work: Path, progress: bool) -> Path:
+def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], work: Path, progress: bool) -> None:
     """Generate ``shards`` with an actor pool of ``cfg.workers`` and write them with ``write_parquet``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -184,8 +184,8 @@ def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], w
             num_cpus = _cpu_share(resources.get("CPU", 1.0), largest, workers)
             device, threads = "cpu", max(1, int(num_cpus))
         ctx = DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        ctx.print_on_execution_start = False
+        saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+        ctx.enable_progress_bars, ctx.print_on_execution_start = progress, False
         # One block per shard, ordered so that only the last block can be short: batches of
         # ``batch_size`` rows then always coincide with whole shards.
         ds = ray.data.from_arrow([plan.table(s) for s in sorted(shards)])
@@ -202,9 +202,10 @@ def _run_ray(spec: ModelSpec, cfg: SynthConfig, plan: Plan, shards: list[int], w
             num_cpus=num_cpus,
             num_gpus=cfg.gpus_per_worker or None,
         )
-        incoming = work / f"incoming-{uuid.uuid4().hex[:8]}"
-        ds.write_parquet(str(incoming), partition_cols=["shard"])
-        return incoming
+        try:
+            ds.write_parquet(str(work / f"incoming-{uuid.uuid4().hex[:8]}"), partition_cols=["shard"])
+        finally:
+            ctx.enable_progress_bars, ctx.print_on_execution_start = saved
     finally:
         if started:
             ray.shutdown()
@@ -280,7 +281,7 @@ def _classes(cfg: SynthConfig, class_names: list[str] | None) -> list[str]:
     if len(set(classes)) != len(classes):
         raise ConfigError("synth.classes: class names must be distinct")
     if given is not None and set(given) != set(classes):
-        raise ConfigError(f"synth.classes: {classes[:5]}… differ from the dataset's classes {given[:5]}…")
+        raise ConfigError(f"synth.classes: {', '.join(classes[:5])}… differ from the dataset's classes {', '.join(given[:5])}…")
     return classes
 
 
