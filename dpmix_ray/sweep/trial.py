@@ -85,6 +85,10 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str |
     def seconds() -> float:
         return spent_before + time.perf_counter() - started
 
+    def stop(status: str, reason: str) -> None:
+        record["trial_seconds"] = seconds()
+        _report(_outcome(record, status, reason))
+
     params = dict(config["params"])
     if synthetic is not None and cfg.base.mix.synthetic == "synth":
         params["mix.synthetic"] = synthetic
@@ -93,25 +97,23 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str |
         splits = _splits(train_cfg.data.model_dump_json())
         train_cfg, privacy = apply_tuning_privacy(cfg, group, train_cfg, len(splits.train))
     except (ConfigError, BudgetError) as e:
-        record["trial_seconds"] = seconds()
-        _report(_outcome(record, "pruned", str(e)))
-        return
+        return stop("pruned", str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. missing data: deterministic, so recorded rather than retried
+        return stop("failed", f"{type(e).__name__}: {e}")
     record |= {"trial_epsilon": privacy.trial_epsilon, "search_epsilon": privacy.search_epsilon}
-    trained_epochs = 0
+    trained = saved is not None
 
     def on_epoch(rep: EpochReport) -> None:
-        nonlocal trained_epochs
-        trained_epochs = rep.epoch
+        nonlocal trained
+        trained = True
         metrics = {**rep.metrics, "epoch": rep.epoch, "step": rep.step}
         _report(metrics, {"train": rep.state(), "seconds": seconds()})
 
     try:
         result = train(train_cfg, on_epoch=on_epoch, resume_state=saved["train"] if saved else None, progress=False, splits=splits)
     except (ConfigError, BudgetError) as e:
-        if trained_epochs == 0:
-            record["trial_seconds"] = seconds()
-            _report(_outcome(record, "pruned", str(e)))
-            return
+        if not trained:  # the trainer's own planner refused it before the first step
+            return stop("pruned", str(e))
         status, reason, result = "failed", str(e), {}
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not a crash of it
         status, reason, result = "failed", f"{type(e).__name__}: {e}", {}
