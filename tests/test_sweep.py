@@ -245,19 +245,23 @@ def _ledger_lines(out: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_two_epsilon_sweep_end_to_end_with_a_diverging_trial(tmp_path: Path, local_ray: str) -> None:
+def test_two_epsilon_sweep_end_to_end_with_failed_and_pruned_trials(tmp_path: Path, local_ray: str) -> None:
     from dpmix_ray.report import build_report
     from dpmix_ray.sweep import run_sweep
 
-    # lr 1e30 diverges at once; the seeded random sampler draws it for some trials and 1.0 for others.
-    cfg = sweep(space={"optim.lr": {"choice": [1.0, 1.0e30]}}, search__seed=3)
-    out = run_sweep(cfg, out=tmp_path / "out", progress=False)
+    # lr 1e30 diverges at once; K=1 with a self-mixup is impossible (pruned before any step). The seeded
+    # random samplers draw, over the 2 × 2 trials: pruned + completed at ε=2, completed + failed at ε=8.
+    space = {"optim.lr": {"choice": [1.0, 1.0e30]}, "mix.aug_multiplicity": {"int": [1, 2]}}
+    out = run_sweep(sweep(space=space, search__seed=5), out=tmp_path / "out", progress=False)
     records = S.read_records(out)
-    search = [r for r in records if r["phase"] == "search"]
+    search = {(r["group"], r["index"]): r for r in records if r["phase"] == "search"}
     assert len(search) == 4
-    failed = [r for r in search if r["status"] == "failed"]
-    assert failed and all("diverged" in r["reason"] for r in failed)
-    assert any(r["status"] == "completed" for r in search)
+    statuses = sorted(r["status"] for r in search.values())
+    assert statuses == ["completed", "completed", "failed", "pruned"]
+    failed = [r for r in search.values() if r["status"] == "failed"]
+    assert all("diverged" in r["reason"] for r in failed)
+    pruned = [r for r in search.values() if r["status"] == "pruned"]
+    assert all("aug_multiplicity" in r["reason"] and r["trial_seconds"] < 30 for r in pruned)
     for r in records:
         if r["status"] == "completed":
             assert r["epsilon_spent"] <= r["epsilon"]  # every trial reports ε_spent, within its ε
@@ -265,8 +269,8 @@ def test_two_epsilon_sweep_end_to_end_with_a_diverging_trial(tmp_path: Path, loc
         assert (out / name).is_file(), name
     studies = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
     assert sorted(s.study_name for s in studies) == ["dpmix_self@eps=2", "dpmix_self@eps=8"]
-    fails = [t for s in studies for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials if t.state.name == "FAIL"]
-    assert len(fails) == len(failed)
+    states = sorted(t.state.name for s in studies for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
     (out / "report.html").unlink()
     build_report(out)  # `dpmix-ray report DIR` rebuilds from the ledger alone
     assert "ONE training run" in (out / "report.html").read_text()
