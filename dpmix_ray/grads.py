@@ -218,10 +218,10 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
     ws = _Standardisation(mod.weight) if isinstance(mod, WSConv2d) else None
     w_eff = mod.weight.detach() if ws is None else ws.w_std.view_as(mod.weight)
     g = a.shape[0] // b
-    g2 = _rows(gy, b, 1)  # [b, T, p]
-    bias = g2.sum(1) if mod.bias is not None else None
+    bias = gy.reshape(b, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3)) if mod.bias is not None else None
     sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
     if _conv_ghost(mod, gy.shape, b):
+        g2 = _rows(gy, b, 1)  # [b, T, p]
         a2 = _rows(F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), b, 1)  # [b, T, n]
         q = (torch.bmm(torch.bmm(a2, a2.transpose(1, 2)), g2) * g2).sum(1)  # per-filter ‖∂L/∂w'_o‖², [b, p]
         if ws is None:
@@ -242,7 +242,7 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
         else:
             flats = [ch.flatten(2) for ch in chunks]  # [·, p, n]
             q = torch.cat([torch.linalg.vector_norm(f, dim=2).pow(2) for f in flats])
-            sq = sq + ws.sq_norms(q, torch.cat([f.sum(2) for f in flats]), torch.cat([torch.einsum("bpn,pn->bp", f, ws.w_std) for f in flats]))
+            sq = sq + ws.sq_norms(q, torch.cat([f.sum(2) for f in flats]), torch.cat([(f * ws.w_std).sum(2) for f in flats]))
 
         def weight(c: torch.Tensor) -> torch.Tensor:
             if isinstance(per, torch.Tensor):
