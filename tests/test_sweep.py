@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 import pytest
 
-from dpmix_ray.config import SweepConfig, config_hash, with_updates
+from dpmix_ray.config import SweepConfig, config_hash
 from dpmix_ray.errors import BudgetError, ConfigError
 from dpmix_ray.privacy import repeat_and_select_epsilon
 from dpmix_ray.sweep import plan as P

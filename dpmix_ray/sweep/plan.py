@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import optuna
+# The exact mean → γ map dp_accounting's accountant applies to RepeatAndSelectDpEvent: the counts drawn
+# here must follow the distribution that is accounted for.
 from dp_accounting.rdp.rdp_privacy_accountant import _gamma_truncated_negative_binomial
 
-from dpmix_ray.config import PRIVATE_METHODS, SweepConfig, TrainConfig, with_updates
+from dpmix_ray.config import SweepConfig, TrainConfig, with_updates
 from dpmix_ray.errors import BudgetError, ConfigError
 from dpmix_ray.privacy import calibrate_noise_for_tuning, epsilon_spent, plan_run, repeat_and_select_epsilon
 
