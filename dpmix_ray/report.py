@@ -128,7 +128,7 @@ def _display(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "ε": _fmt(r["epsilon"]),
             "δ": _fmt(r["delta"]),
             "ε covers": r["covers"],
-            "trials (done/planned)": f"{r['trials_completed']}/{r['trials_planned']}",
+            "trials (completed/planned)": f"{r['trials_completed']}/{r['trials_planned']}",
             "best hyperparameters": _fmt(r["hyperparameters"]),
             "val acc": _fmt(r["val_accuracy"]),
             f"test acc (n={max((x['final_seeds'] for x in rows), default=0)})": test,
