@@ -87,7 +87,7 @@ def train(
     resume_state: dict[str, Any] | None = None,
     progress: bool = True,
     splits: Splits | None = None,
-    per_example_fn: G.PerExampleFn = G.per_example_grads_vmap,
+    per_example_fn: G.PerExampleFn | None = None,
 ) -> dict[str, Any]:
     """Train one config end to end and return its result record (see ``result`` keys below)."""
     wall_start = time.perf_counter()
@@ -167,8 +167,7 @@ def train(
             sel = idx[lo : lo + chunk]
             imgs, tgts = build_groups(splits.train.x[sel].to(device), splits.train.y[sel].to(device), rng=rng, **mix_kwargs)
             if cfg.is_private:
-                per, losses = per_example_fn(model, imgs, tgts)
-                part, _ = G.clip_and_sum(per, cfg.privacy.clip_norm)
+                part, losses = G.clipped_sum(model, imgs, tgts, clip_norm=cfg.privacy.clip_norm, per_example_fn=per_example_fn)
             else:
                 part, losses = G.summed_grads_nonprivate(model, imgs, tgts)
             for k in summed:

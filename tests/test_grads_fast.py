@@ -1,0 +1,157 @@
+"""The book-keeping fast path (``clipped_sum_fast``) held to the microbatch loop and to vmap, in float64.
+
+Every route a layer can take (materialised per-example gradients, ghost norms, one grouped call
+when G = 1) is forced in turn, on the project's models and on layer variants they do not use.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpmix_ray import grads as G
+from dpmix_ray import trainer as T
+from dpmix_ray.config import ModelConfig, load_train_config
+from dpmix_ray.data import load_splits
+from dpmix_ray.mix import SyntheticPool, build_groups
+from dpmix_ray.models import build_model
+
+CLASSES = 5
+ROUTES = {"auto": None, "ghost": lambda t, d, p: True, "materialise": lambda t, d, p: False}
+
+
+def groups(b: int, k: int, m: int, n: int, *, channels: int, size: int, seed: int, scale: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, channels, size, size, generator=gen, dtype=torch.float64) * scale
+    y = torch.randint(0, CLASSES, (b,), generator=gen)
+    pool = SyntheticPool.from_tensors(torch.rand(10, channels, size, size, generator=gen, dtype=torch.float64), torch.arange(10) % CLASSES, CLASSES)
+    return build_groups(x, y, num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
+                        rng=np.random.default_rng(seed), synthetic=pool if n else None)
+
+
+class Odd(nn.Module):
+    """Layer variants the project's models lack: conv bias, stride, dilation, groups; a GroupNorm after
+    a grouped conv; a Linear over a sequence axis (T = G·S rows per example); a Linear without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, dilation=2, padding=2)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False)
+        self.norm = nn.GroupNorm(2, 4)
+        self.seq = nn.Linear(4, 6, bias=False)
+        self.head = nn.Linear(6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.grouped(torch.tanh(self.conv(x))))  # [N, 4, 4, 4]
+        s = torch.tanh(self.seq(h.flatten(2).transpose(1, 2)))  # [N, 16, 6]: a sequence of 16 rows
+        return self.head(s.mean(1))
+
+
+def model_and_size(name: str) -> tuple[nn.Module, int, int]:
+    torch.manual_seed(0)
+    if name == "odd":
+        return Odd().double(), 2, 8
+    channels, size = {"cnn_tiny": (1, 12), "cnn": (1, 8), "wrn16_4": (3, 8)}[name]
+    return build_model(ModelConfig(name=name), in_channels=channels, num_classes=CLASSES, image_size=size).double(), channels, size
+
+
+def flat(grads: G.Grads) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("name,seed", [("cnn_tiny", 0), ("cnn", 1), ("wrn16_4", 2), ("odd", 3), ("cnn_tiny", 4), ("odd", 5)])
+def test_fast_clipped_sum_equals_microbatch_loop_and_vmap(name, seed, route, monkeypatch):
+    if ROUTES[route] is not None:
+        monkeypatch.setattr(G, "_use_ghost", ROUTES[route])
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 4))
+    m = int(rng.integers(0, 3)) if k >= 2 else 0
+    n = int(rng.integers(0, 2))
+    model, channels, size = model_and_size(name)
+    imgs, tgts = groups(3, k, m, n, channels=channels, size=size, seed=seed, scale=float(rng.uniform(1, 5)))
+    per, ref_losses = G.per_example_grads_loop(model, imgs, tgts)
+    per_vmap, _ = G.per_example_grads_vmap(model, imgs, tgts)
+    ref_norms = G.clip_and_sum(per, 1.0)[1]
+    for clip in (float(ref_norms.median()), 1e9):  # some examples clipped; none clipped
+        summed, norms, losses = G.clipped_sum_fast(model, imgs, tgts, clip)
+        ref, _ = G.clip_and_sum(per, clip)
+        assert list(summed) == list(ref) == list(G.trainable(model))
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
+        torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(flat(summed), flat(G.clip_and_sum(per_vmap, clip)[0]), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_k1_takes_the_grouped_convolution_and_agrees(route, monkeypatch):
+    """G = 1 with little work per example: one grouped call for all examples' conv gradients."""
+    if ROUTES[route] is not None:
+        monkeypatch.setattr(G, "_use_ghost", ROUTES[route])
+    calls = []
+    monkeypatch.setattr(G, "_conv_weight_grad", lambda *a, f=G._conv_weight_grad: calls.append(a[-1]) or f(*a))
+    model, channels, size = model_and_size("cnn")
+    imgs, tgts = groups(4, 1, 0, 0, channels=channels, size=size, seed=9)
+    summed, norms, _ = G.clipped_sum_fast(model, imgs, tgts, 0.05)
+    ref, ref_norms = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.05)
+    torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
+    if route != "ghost":
+        assert 4 in calls, "examples as groups of one grouped convolution"
+
+
+def test_clipped_sum_dispatch(monkeypatch):
+    model, channels, size = model_and_size("cnn_tiny")
+    imgs, tgts = groups(3, 2, 1, 0, channels=channels, size=size, seed=1)
+    fast, _ = G.clipped_sum(model, imgs, tgts, clip_norm=0.1)
+    ref, _ = G.clipped_sum(model, imgs, tgts, clip_norm=0.1, per_example_fn=G.per_example_grads_loop)
+    torch.testing.assert_close(flat(fast), flat(ref), rtol=1e-10, atol=1e-13)
+
+    # A trainable parameter outside Linear/Conv2d/GroupNorm: the dispatcher takes vmap.
+    other = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.LayerNorm(300), nn.Linear(300, CLASSES)).double()
+    assert not G.supports_fast(other)
+    with pytest.raises(ValueError, match="outside"):
+        G.clipped_sum_fast(other, imgs, tgts, 0.1)
+    used = []
+    monkeypatch.setattr(G, "per_example_grads_vmap", lambda *a: used.append(1) or G.per_example_grads_loop(*a))
+    G.clipped_sum(other, imgs, tgts, clip_norm=0.1)
+    assert used
+
+
+def test_supported_models_and_frozen_bodies():
+    for name in ("cnn_tiny", "cnn", "wrn16_4"):
+        assert G.supports_fast(model_and_size(name)[0])
+    model, channels, size = model_and_size("cnn")
+    model.features.requires_grad_(False)  # a frozen body: only the Linear layers train
+    assert G.supports_fast(model)
+    imgs, tgts = groups(3, 2, 0, 1, channels=channels, size=size, seed=2)
+    summed, _, _ = G.clipped_sum_fast(model, imgs, tgts, 0.1)
+    ref, _ = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.1)
+    assert list(summed) == list(ref) == ["hidden.0.weight", "hidden.0.bias", "head.weight", "head.bias"]
+    torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
+    model.head.bias.requires_grad_(False)  # half-frozen layer: no rule
+    assert not G.supports_fast(model)
+
+
+def test_a_layer_run_twice_is_refused():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(CLASSES, CLASSES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x.flatten(1)[:, :CLASSES]))
+
+    imgs, tgts = groups(2, 1, 0, 0, channels=1, size=4, seed=0)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        G.clipped_sum_fast(Twice().double(), imgs, tgts, 1.0)
+
+
+def test_trainer_default_is_the_fast_path_and_equals_the_loop():
+    cfg = load_train_config(None, ["data.name=digits", "optim.batch_size=64", "optim.epochs=0.1", "mix.aug_multiplicity=2",
+                                   "mix.self_mix=1", "optim.lr=1.0", "privacy.epsilon=8"])
+    splits = load_splits(cfg.data)
+    fast = T.train(cfg, splits=splits, progress=False)
+    loop = T.train(cfg, splits=splits, progress=False, per_example_fn=G.per_example_grads_loop)
+    assert fast["val_accuracy"] == pytest.approx(loop["val_accuracy"], abs=1 / 180)
+    assert fast["steps"] == loop["steps"]
