@@ -261,3 +261,14 @@ def test_class_conditional_model_samples_and_refuses_unknown_classes(env: Path) 
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, source([0, 1], [11, 12]))
     with pytest.raises(DataError, match="only knows classes"):
         ClassConditional(spec.path, class_names=["cat"], steps=2, guidance=2.0, device="cpu")
+
+
+def test_local_model_without_safetensors_is_refused(env: Path) -> None:
+    from dpmix_ray.synth.pipelines import TextToImage, build_tiny_random
+
+    pickled = env / "pickled-model"
+    build_tiny_random().save_pretrained(pickled, safe_serialization=False)  # UNet and VAE as .bin pickles
+    assert list(pickled.rglob("*.bin"))
+    spec = resolve_model(str(pickled))
+    with pytest.raises(DataError, match="cannot load .* as safetensors"):
+        TextToImage(spec, class_names=CLASSES, prompt="a {label}", steps=1, guidance=1.0, device="cpu")

@@ -94,6 +94,11 @@ def _local(source: Literal["builtin", "local"], model_id: str, path: Path) -> Mo
     return ModelSpec(source, model_id, str(path), weights_digest(path), *_kind_of(path))
 
 
+def _short(e: BaseException, limit: int = 100) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def _hub(model_id: str, revision: str | None) -> ModelSpec:
     """Find ``model_id`` in the hub cache, else download it; any failure is one DataError line."""
     from huggingface_hub import snapshot_download
@@ -105,10 +110,9 @@ def _hub(model_id: str, revision: str | None) -> ModelSpec:
         try:
             path = Path(snapshot_download(**kwargs))
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, bad revision: all one message
-            reason = " ".join(str(e).split())[:160] or type(e).__name__
             raise DataError(
                 f"synth.model: '{model_id}' is not a built-in ({', '.join(BUILTINS)}), not a local directory, "
-                f"and not in the Hugging Face cache nor downloadable ({reason})"
+                f"and neither in the Hugging Face cache nor downloadable ({_short(e)})"
             ) from None
     return ModelSpec("hub", model_id, str(path), path.name, *_kind_of(path))
 
@@ -244,7 +248,7 @@ class TextToImage:
         try:
             self.pipe = DiffusionPipeline.from_pretrained(path, **kwargs).to(device)
         except (OSError, ValueError) as e:
-            raise DataError(f"synth.model: cannot load {path} offline as safetensors ({' '.join(str(e).split())[:160]})") from None
+            raise DataError(f"synth.model: cannot load {path} offline as safetensors ({_short(e)})") from None
         self.pipe.set_progress_bar_config(disable=True)
         self.prompts = [prompt.format(label=name) for name in class_names]
         self.steps, self.guidance = steps, guidance
