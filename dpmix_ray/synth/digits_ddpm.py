@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dpmix_ray.errors import DataError
-from dpmix_ray.synth.pipelines import CLASS_CONDITIONAL_FILE, _atomic_save, _generators, cache_root
+from dpmix_ray.synth.pipelines import CLASS_CONDITIONAL_FILE, atomic_save_dir, cache_root, seeded_generators
 
 MODEL_DIR = "digits-ddpm-v1"  # bump when the recipe below changes
 TRAIN_STEPS = 2000
@@ -41,7 +41,7 @@ def ensure_digits_ddpm(*, progress: bool = True) -> Path:
     final = cache_root() / "models" / MODEL_DIR
     if (final / CLASS_CONDITIONAL_FILE).is_file():
         return final
-    return _atomic_save(final, lambda d: train(d, progress=progress))
+    return atomic_save_dir(final, lambda d: train(d, progress=progress))
 
 
 def _unet(num_classes: int) -> "torch.nn.Module":
@@ -151,7 +151,7 @@ class ClassConditional:
 
     @torch.no_grad()
     def __call__(self, labels: list[int], seeds: list[int]) -> torch.Tensor:
-        x = torch.cat([torch.randn(self.shape, generator=g) for g in _generators(seeds)]).to(self.device, self.dtype)
+        x = torch.cat([torch.randn(self.shape, generator=g) for g in seeded_generators(seeds)]).to(self.device, self.dtype)
         cond = torch.tensor([self.index[i] for i in labels], device=self.device)
         both = torch.cat([cond, torch.full_like(cond, self.null)])
         self.scheduler.set_timesteps(self.steps)

@@ -21,16 +21,21 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dpmix_ray.errors import DataError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 TINY_RANDOM = "tiny-random"
 DIGITS_DDPM = "digits-ddpm"
@@ -157,18 +162,15 @@ def resolve_model(model: str, revision: str | None = None, *, progress: bool = T
 # --------------------------------------------------------------------------- tiny-random
 
 
-def _atomic_save(final: Path, save: Callable[[Path], None]) -> Path:
+def atomic_save_dir(final: Path, save: Callable[[Path], None]) -> Path:
     """Build into a sibling temp dir, then rename: a crash never leaves a half-saved model to trust."""
-    import shutil
-    import tempfile
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         save(tmp)
         os.replace(tmp, final)
     except OSError:
-        if not final.is_dir():
+        if not final.is_dir():  # else another process finished the same build first: use theirs
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,10 +182,10 @@ def ensure_tiny_random() -> Path:
     final = cache_root() / "models" / _TINY_RANDOM_DIR
     if (final / "model_index.json").is_file():
         return final
-    return _atomic_save(final, lambda d: build_tiny_random().save_pretrained(d, safe_serialization=True))
+    return atomic_save_dir(final, lambda d: build_tiny_random().save_pretrained(d, safe_serialization=True))
 
 
-def build_tiny_random() -> "object":
+def build_tiny_random() -> StableDiffusionPipeline:
     """A seeded, randomly initialised SD pipeline (32×32 output, 16×16 latents): real code path, noise out.
 
     The tokenizer is CLIP's byte-level BPE with no merges: every byte is a token, so any prompt works.
@@ -228,7 +230,7 @@ class ImageSource(Protocol):
     def __call__(self, labels: list[int], seeds: list[int]) -> torch.Tensor: ...
 
 
-def _generators(seeds: list[int]) -> list[torch.Generator]:
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     # CPU generators: the same seed gives the same starting noise on CPU and GPU.
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
@@ -256,7 +258,7 @@ class TextToImage:
     def __call__(self, labels: list[int], seeds: list[int]) -> torch.Tensor:
         out = self.pipe(
             prompt=[self.prompts[i] for i in labels], num_inference_steps=self.steps, guidance_scale=self.guidance,
-            generator=_generators(seeds), output_type="pt",
+            generator=seeded_generators(seeds), output_type="pt",
         )
         return out.images.float().clamp(0, 1).cpu()
 
