@@ -457,7 +457,8 @@ def load_synthetic(path: str | Path, *, class_names: list[str], channels: int, i
 
 
 def resolve_synthetic(
-    mix_synthetic: str, synth: SynthConfig | None, *, class_names: list[str], channels: int, image_size: int
+    mix_synthetic: str, synth: SynthConfig | None, *, class_names: list[str], channels: int, image_size: int,
+    progress: bool = True,
 ) -> ImageSet:
     """``mix.synthetic``: ``'synth'`` generates (or reuses) the config's synth set; anything else is a path."""
     if mix_synthetic != "synth":
@@ -469,4 +470,5 @@ def resolve_synthetic(
             f"synth.image_size/channels: {synth.channels}×{synth.image_size}² but the dataset's images are "
             f"{channels}×{image_size}² (set synth.image_size={image_size} synth.channels={channels})"
         )
-    return load_synthetic(generate(synth, class_names=class_names), class_names=class_names, channels=channels, image_size=image_size)
+    path = generate(synth, class_names=class_names, progress=progress)
+    return load_synthetic(path, class_names=class_names, channels=channels, image_size=image_size)
