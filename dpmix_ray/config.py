@@ -86,7 +86,7 @@ class MixConfig(_Strict):
     alpha: float = Field(0.2, gt=0.0)
     synthetic: str | None = Field(None, description="a Parquet/npz path, or 'synth' for the config's synth section")
     diff_pairing: Literal["same_class", "any"] = "any"
-    crop_padding: int | None = Field(None, ge=0, description="reflect-pad before random crops; null = image_size // 8 (4 on 32×32)")
+    crop_padding: int | None = Field(None, ge=0, description="reflect-pad before random crops; null = 4 px per 32 px, 1 px for digits")
     flip: bool | None = Field(None, description="horizontal flip; null = the dataset's default (off for digits)")
 
     @property

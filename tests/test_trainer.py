@@ -84,3 +84,15 @@ def test_dpmix_diff_trains_on_a_labelled_npz_set(digits, tmp_path):
     assert res["diff_mix"] == 2 and res["epsilon_spent"] <= cfg.privacy.epsilon
     # G = K + m + n = 2 + 1 + 2 images per example went through the model
     assert res["images_per_second"] > 0
+
+
+def test_augmentation_defaults(digits):
+    from dataclasses import replace
+
+    cfg = load_train_config(None, TINY)
+    assert T.augmentation(cfg, digits) == (False, 1)  # digits: no flips, 1 px shifts
+    natural = replace(digits, hflip_safe=True)
+    assert T.augmentation(cfg, natural) == (True, 1)  # 8 px images: 4 px per 32 px → 1
+    assert T.augmentation(load_train_config(None, TINY + ["mix.crop_padding=3", "mix.flip=false"]), natural) == (False, 3)
+    dpsgd = load_train_config(None, TINY + ["method=dpsgd", "mix.aug_multiplicity=1", "mix.self_mix=0"])
+    assert T.augmentation(dpsgd, natural) == (False, 0)  # plain DP-SGD sees raw images
