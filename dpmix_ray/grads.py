@@ -8,7 +8,8 @@ path), and a one-example-at-a-time loop (reference) that tests hold the fast pat
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,16 +106,20 @@ def summed_grads_nonprivate(model: nn.Module, images: torch.Tensor, targets: tor
 #
 # One forward and one backward that forms input gradients only (no parameter is an autograd input, so
 # no weight gradient is computed). A hook on each trainable layer's output receives ∂L/∂y for the whole
-# chunk and, with the input a the layer saw, reduces it to per-example squared norms, folding the
-# example's G images and their spatial positions into one "sequence" of T rows. Per layer the cheaper
-# route by multiply count is taken:
-# - materialise (T·d·p per example): per-example weight gradients are formed and kept; the clipped sum
-#   is then one weighted sum over examples;
-# - ghost (T²·(d+p)): ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t') without forming the gradient; the
-#   clipped sum is then one ordinary weight-gradient call on c-weighted output gradients.
-# Neither route runs a second backward through the network (Opacus's ghost clipping backpropagates
+# chunk and, with the input a the layer saw, reduces it to per-example squared norms, folding each
+# example's G images and their spatial positions into one "sequence" of T rows. A layer (T rows, d
+# inputs, p outputs per row) takes one of three routes:
+# - "ghost" when T²·(d+p) multiplies are well below T·d·p: ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')
+#   without forming the gradient; its share of the clipped sum is then one ordinary weight-gradient
+#   call on c-weighted output gradients (c_i = min(1, C/‖∇ℓ_i‖));
+# - "keep": per-example gradients are formed and kept; its share is one weighted sum over examples;
+# - "norms": formed for their norms only and dropped, the share computed as for "ghost". Layers keep
+#   while their per-example gradients fit in a budget equal to the bytes of all the layers' inputs
+#   (tensors autograd saves anyway), most rows first (the most work saved per byte kept).
+# No route runs a second backward through the network (Opacus's ghost clipping backpropagates
 # Σ_i c_i·ℓ_i a second time), so the step costs one forward, one backward and the norms.
 
+Route = Literal["keep", "norms", "ghost"]
 _Finish = Callable[[torch.Tensor], Grads]
 _aten = torch.ops.aten
 _WS_EPS = 1e-5  # WSConv2d's epsilon
@@ -122,7 +127,9 @@ _GROUPED_MAX_WORK = 1 << 22  # per-example multiplies below which one grouped ca
 
 
 def _use_ghost(t: int, d: int, p: int) -> bool:
-    """Ghost norm (T²·(d+p) multiplies) beats a materialised T×d by T×p product (T·d·p)."""
+    """Ghost norms cost T²·(d+p) multiplies against T·d·p to materialise. (A ghost multiply costs about
+    two of oneDNN's weight-gradient ones on CPU, but the ghost route holds no [b, d, p] tensor, and the
+    memory it saves where it is near the break-even point is worth more than the time.)"""
     return t * (d + p) < d * p
 
 
@@ -163,32 +170,47 @@ class _Standardisation:
         return (self.r * (flat - s / self.n - self.w_std * d / self.n)).view_as(g)
 
 
-def _linear(mod: nn.Linear, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
+def _weighted_sum(c: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_i c_i·g_i for per-example gradients held as consecutive chunks of examples ([k, …] each)."""
+    if len(chunks) == 1:
+        return torch.einsum("b,b...->...", c, chunks[0])
+    acc = torch.zeros_like(chunks[0][0])
+    start = 0
+    for ch in chunks:
+        for g in ch:
+            acc.addcmul_(g, c[start])
+            start += 1
+    return acc
+
+
+def _sq_norms(per: torch.Tensor) -> torch.Tensor:
+    """‖per_i‖² for each example i of a [k, …] chunk, without a squared temporary."""
+    return torch.linalg.vector_norm(per.flatten(1), dim=1).pow(2)
+
+
+def _linear(mod: nn.Linear, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
     a2, g2 = _rows(a, b, -1), _rows(gy, b, -1)
-    d, p = a2.shape[-1], g2.shape[-1]
     bias = g2.sum(1) if mod.bias is not None else None
     sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
-    if _use_ghost(a2.shape[1], d, p):
+    if route == "ghost":
         sq = sq + (torch.bmm(a2, a2.transpose(1, 2)) * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2))
-
-        def weight(c: torch.Tensor) -> torch.Tensor:
-            return (g2 * c[:, None, None]).reshape(-1, p).T @ a2.reshape(-1, d)
     else:
         per = torch.bmm(g2.transpose(1, 2), a2)
-        sq = sq + per.flatten(1).pow(2).sum(1)
+        sq = sq + _sq_norms(per)
+    # Each branch's closure holds only what its route needs (the kept gradients, or a and ∂L/∂y).
+    if route == "keep":
 
         def weight(c: torch.Tensor) -> torch.Tensor:
-            return torch.einsum("b,bpd->pd", c, per)
+            return _weighted_sum(c, [per])
+    else:
+
+        def weight(c: torch.Tensor) -> torch.Tensor:
+            return (g2 * c[:, None, None]).flatten(0, 1).T @ a2.flatten(0, 1)
 
     def finish(c: torch.Tensor) -> Grads:
         return {"weight": weight(c)} | ({"bias": c @ bias} if bias is not None else {})
 
     return sq, finish
-
-
-def _conv_ghost(mod: nn.Conv2d, out_shape: torch.Size, b: int) -> bool:
-    t = out_shape[0] // b * out_shape[2] * out_shape[3]
-    return mod.groups == 1 and _use_ghost(t, mod.weight[0].numel(), mod.out_channels)
 
 
 def _conv_weight_grad(mod: nn.Conv2d, w: torch.Tensor, gy: torch.Tensor, a: torch.Tensor, groups: int) -> torch.Tensor:
@@ -198,29 +220,32 @@ def _conv_weight_grad(mod: nn.Conv2d, w: torch.Tensor, gy: torch.Tensor, a: torc
     )[1]
 
 
-def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int) -> torch.Tensor | list[torch.Tensor]:
-    """Per-example weight gradients of a convolution whose chunk holds b examples of G images each.
+def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int, grouped: bool) -> Iterator[torch.Tensor]:
+    """Per-example weight gradients of a convolution whose chunk holds b examples of G images each,
+    yielded in consecutive chunks of examples ([k, *w.shape]) so that a caller after norms only holds one.
 
-    With G = 1 and little work per example, one grouped convolution (the examples as groups, inputs as
-    views) replaces b small calls: [b, *w.shape]. Otherwise one call per example over its G images,
-    kept as a list so that no [b, *w.shape] copy is made.
+    ``grouped`` (G = 1): one grouped convolution, the examples as groups and the inputs as views,
+    replaces b small calls but holds all b gradients at once (and oneDNN takes as much again inside);
+    its weight argument only gives shapes (a weight gradient does not depend on the weight), so a
+    broadcast zero stands in for b copies. Otherwise one call per example.
     """
     g = a.shape[0] // b
-    if g == 1 and mod.groups == 1 and gy[0].numel() * w[0].numel() < _GROUPED_MAX_WORK:
-        grads = _conv_weight_grad(mod, w.repeat(b, 1, 1, 1), gy.reshape(1, -1, *gy.shape[2:]), a.reshape(1, -1, *a.shape[2:]), b)
-        return grads.view(b, *w.shape)
-    return [_conv_weight_grad(mod, w, gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g], mod.groups) for i in range(b)]
+    if grouped:
+        shapes_only = torch.zeros((), dtype=w.dtype, device=w.device).expand(b * w.shape[0], *w.shape[1:])
+        yield _conv_weight_grad(mod, shapes_only, gy.reshape(1, -1, *gy.shape[2:]), a.reshape(1, -1, *a.shape[2:]), b).view(b, *w.shape)
+        return
+    for i in range(b):
+        yield _conv_weight_grad(mod, w, gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g], mod.groups)[None]
 
 
-def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
+def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
     """Conv2d, and WSConv2d through :class:`_Standardisation` (gradients are formed or ghosted for w' and
     mapped back). The ghost route of a WSConv2d needs the layer's output ``out`` (for ⟨g, w'⟩)."""
     ws = _Standardisation(mod.weight) if isinstance(mod, WSConv2d) else None
     w_eff = mod.weight.detach() if ws is None else ws.w_std.view_as(mod.weight)
-    g = a.shape[0] // b
     bias = gy.reshape(b, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3)) if mod.bias is not None else None
     sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
-    if _conv_ghost(mod, gy.shape, b):
+    if route == "ghost":
         g2 = _rows(gy, b, 1)  # [b, T, p]
         a2 = _rows(F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), b, 1)  # [b, T, n]
         q = (torch.bmm(torch.bmm(a2, a2.transpose(1, 2)), g2) * g2).sum(1)  # per-filter ‖∂L/∂w'_o‖², [b, p]
@@ -230,27 +255,29 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
             assert out is not None
             y = _rows(out if mod.bias is None else out - mod.bias.detach()[:, None, None], b, 1)  # a_t·w'_o
             sq = sq + ws.sq_norms(q, torch.einsum("btp,bt->bp", g2, a2.sum(2)), (g2 * y).sum(1))
+    else:
+        per: list[torch.Tensor] = []
+        parts = []
+        # One grouped call when little work per example would make b calls slow and the gradients are kept anyway.
+        grouped = route == "keep" and a.shape[0] == b and mod.groups == 1 and gy[0].numel() * w_eff[0].numel() < _GROUPED_MAX_WORK
+        for chunk in _per_example_conv(mod, w_eff, a, gy, b, grouped):
+            if ws is None:
+                parts.append(_sq_norms(chunk))
+            else:
+                f = chunk.flatten(2)  # [k, p, n]
+                parts.append(ws.sq_norms(torch.linalg.vector_norm(f, dim=2).pow(2), f.sum(2), (f * ws.w_std).sum(2)))
+            if route == "keep":
+                per.append(chunk)
+        sq = sq + torch.cat(parts)
+    if route == "keep":
+
+        def weight(c: torch.Tensor) -> torch.Tensor:
+            return _weighted_sum(c, per)
+    else:
+        g = a.shape[0] // b
 
         def weight(c: torch.Tensor) -> torch.Tensor:
             return _conv_weight_grad(mod, w_eff, gy * c.repeat_interleave(g)[:, None, None, None], a, mod.groups)
-    else:
-        per = _per_example_conv(mod, w_eff, a, gy, b)
-        # A [b, …] tensor is reduced at once; a list one example at a time (no stacking copy).
-        chunks = [per] if isinstance(per, torch.Tensor) else [pi[None] for pi in per]
-        if ws is None:
-            sq = sq + torch.cat([ch.flatten(1).pow(2).sum(1) for ch in chunks])
-        else:
-            flats = [ch.flatten(2) for ch in chunks]  # [·, p, n]
-            q = torch.cat([torch.linalg.vector_norm(f, dim=2).pow(2) for f in flats])
-            sq = sq + ws.sq_norms(q, torch.cat([f.sum(2) for f in flats]), torch.cat([(f * ws.w_std).sum(2) for f in flats]))
-
-        def weight(c: torch.Tensor) -> torch.Tensor:
-            if isinstance(per, torch.Tensor):
-                return torch.einsum("b,b...->...", c, per)
-            acc = per[0] * c[0]
-            for pi, ci in zip(per[1:], c[1:]):
-                acc.addcmul_(pi, ci)
-            return acc
 
     def finish(c: torch.Tensor) -> Grads:
         w = weight(c)
@@ -259,20 +286,53 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
     return sq, finish
 
 
-def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
-    """Affine GroupNorm: per-example gradients are C-sized, so always formed: Σ g·x̂ and Σ g."""
+def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
+    """Affine GroupNorm: per-example gradients are C-sized, so always kept: Σ g·x̂ and Σ g."""
     x_hat = F.group_norm(a, mod.num_groups, eps=mod.eps)
     shape = (b, -1, a.shape[1], x_hat[0, 0].numel())
     gw, gb = (gy * x_hat).reshape(shape).sum((1, 3)), gy.reshape(shape).sum((1, 3))
     return gw.pow(2).sum(1) + gb.pow(2).sum(1), lambda c: {"weight": c @ gw, "bias": c @ gb}
 
 
-_Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor, int], tuple[torch.Tensor, _Finish]]
+_Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor, int, Route], tuple[torch.Tensor, _Finish]]
 _RULES: dict[type[nn.Module], _Rule] = {nn.Linear: _linear, nn.Conv2d: _conv2d, WSConv2d: _conv2d, nn.GroupNorm: _group_norm}
 
 
-def _needs_output(mod: nn.Module, out: torch.Tensor, b: int) -> bool:
-    return isinstance(mod, WSConv2d) and _conv_ghost(mod, out.shape, b)
+@dataclass
+class _Call:
+    """One trainable layer's forward, as the backward hook and the route planner see it."""
+
+    module: nn.Module
+    a: torch.Tensor
+    out: torch.Tensor | None  # held only for a WSConv2d's ghost route
+    rows: int  # T per example
+    kept_bytes: int  # its per-example gradients, if kept
+    route: Route
+
+
+def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call:
+    """The route by cost alone ("ghost" or "keep"; the planner may turn "keep" into "norms")."""
+    kept = b * sum(p.numel() for p in mod.parameters(recurse=False)) * a.element_size()
+    if isinstance(mod, nn.Linear):
+        t, d, p = a.numel() // (b * mod.in_features), mod.in_features, mod.out_features
+    elif isinstance(mod, nn.Conv2d):
+        t, d, p = out.shape[0] // b * out.shape[2] * out.shape[3], mod.weight[0].numel(), mod.out_channels
+        if mod.groups != 1:  # the ghost gram of a grouped convolution is not a plain unfold
+            return _Call(mod, a, None, t, kept, "keep")
+    else:  # GroupNorm: C-sized per-example gradients, always kept
+        return _Call(mod, a, None, 0, 0, "keep")
+    ghost = _use_ghost(t, d, p)
+    return _Call(mod, a, out.detach() if ghost and isinstance(mod, WSConv2d) else None, t, kept, "ghost" if ghost else "keep")
+
+
+def _plan(calls: list[_Call]) -> None:
+    """Keep per-example gradients, most rows first, while they fit in the bytes of the layers' inputs."""
+    budget = sum({c.a.data_ptr(): c.a.numel() * c.a.element_size() for c in calls}.values())
+    for call in sorted((c for c in calls if c.route == "keep"), key=lambda c: -c.rows):
+        if call.kept_bytes > budget:
+            call.route = "norms"
+        else:
+            budget -= call.kept_bytes
 
 
 def _fast_layers(model: nn.Module) -> dict[nn.Module, str] | None:
@@ -309,23 +369,19 @@ def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     if layers is None:
         raise ValueError("clipped_sum_fast: the model has trainable parameters outside Linear/Conv2d/WSConv2d/GroupNorm layers")
     b = images.shape[0]
+    calls: dict[nn.Module, _Call] = {}
     pieces: dict[nn.Module, tuple[torch.Tensor, _Finish]] = {}
-    ran: list[nn.Module] = []
     first: list[torch.Tensor] = []
 
     def on_forward(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        if mod in ran:
+        if mod in calls:
             raise RuntimeError(f"clipped_sum_fast: layer '{layers[mod]}' ran twice in one forward")
-        ran.append(mod)
-        # Held only until this layer's hook runs (autograd saves a for its own backward anyway); no
-        # output is held past the forward unless a rule needs it.
-        saved = [inputs[0].detach(), out.detach() if _needs_output(mod, out, b) else None]
+        calls[mod] = _record(mod, inputs[0].detach(), out, b)
 
         def on_grad(gy: torch.Tensor) -> None:
-            a, y = saved
-            saved.clear()
+            call = calls.pop(mod)  # drops the held input as soon as the layer is done
             with torch.no_grad():
-                pieces[mod] = _RULES[type(mod)](mod, a, y, gy, b)
+                pieces[mod] = _RULES[type(mod)](mod, call.a, call.out, gy, b, call.route)
 
         out.register_hook(on_grad)
         if not first:
@@ -337,13 +393,13 @@ def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     finally:
         for h in handles:
             h.remove()
-    if len(ran) != len(layers):
+    if len(calls) != len(layers):
         raise RuntimeError("clipped_sum_fast: some trainable layer did not run in the forward")
+    _plan(list(calls.values()))
     # Differentiating w.r.t. the first layer's output runs every hook and forms no weight gradient.
     torch.autograd.grad(losses.sum(), first)
-    if len(pieces) != len(layers):
-        missed = [name for mod, name in layers.items() if mod not in pieces]
-        raise RuntimeError(f"clipped_sum_fast: layers {missed} are not downstream of the first trainable layer")
+    if calls:
+        raise RuntimeError(f"clipped_sum_fast: layers {[layers[m] for m in calls]} are not downstream of the first trainable layer")
     norms = torch.stack([sq for sq, _ in pieces.values()]).sum(0).sqrt()
     factors = _clip_factors(norms, clip_norm)
     summed: Grads = {}

@@ -1,7 +1,7 @@
 """The book-keeping fast path (``clipped_sum_fast``) held to the microbatch loop and to vmap, in float64.
 
-Every route a layer can take (materialised per-example gradients, ghost norms, one grouped call
-when G = 1) is forced in turn, on the project's models and on layer variants they do not use.
+Every route a layer can take (per-example gradients kept, formed for norms only, ghost norms; one
+grouped call when G = 1) is forced in turn, on the project's models and on layer variants they lack.
 """
 
 import numpy as np
@@ -17,7 +17,22 @@ from dpmix_ray.mix import SyntheticPool, build_groups
 from dpmix_ray.models import build_model
 
 CLASSES = 5
-ROUTES = {"auto": None, "ghost": lambda t, d, p: True, "materialise": lambda t, d, p: False}
+ROUTES = ("auto", "keep", "norms", "ghost")
+
+
+def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Linear/Conv2d layer takes ``route`` (a grouped convolution has no ghost route)."""
+    if route == "auto":
+        return
+
+    def record(mod, a, out, b, original=G._record):
+        call = original(mod, a, out, b)
+        if call.rows and not (route == "ghost" and getattr(mod, "groups", 1) != 1):
+            call.route, call.out = route, out.detach()
+        return call
+
+    monkeypatch.setattr(G, "_record", record)
+    monkeypatch.setattr(G, "_plan", lambda calls: None)
 
 
 def groups(b: int, k: int, m: int, n: int, *, channels: int, size: int, seed: int, scale: float = 1.0):
@@ -62,8 +77,7 @@ def flat(grads: G.Grads) -> torch.Tensor:
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("name,seed", [("cnn_tiny", 0), ("cnn", 1), ("wrn16_4", 2), ("odd", 3), ("cnn_tiny", 4), ("odd", 5)])
 def test_fast_clipped_sum_equals_microbatch_loop_and_vmap(name, seed, route, monkeypatch):
-    if ROUTES[route] is not None:
-        monkeypatch.setattr(G, "_use_ghost", ROUTES[route])
+    force(route, monkeypatch)
     rng = np.random.default_rng(seed)
     k = int(rng.integers(1, 4))
     m = int(rng.integers(0, 3)) if k >= 2 else 0
@@ -85,9 +99,8 @@ def test_fast_clipped_sum_equals_microbatch_loop_and_vmap(name, seed, route, mon
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_k1_takes_the_grouped_convolution_and_agrees(route, monkeypatch):
-    """G = 1 with little work per example: one grouped call for all examples' conv gradients."""
-    if ROUTES[route] is not None:
-        monkeypatch.setattr(G, "_use_ghost", ROUTES[route])
+    """G = 1 with little work per example: one grouped call for all examples' kept conv gradients."""
+    force(route, monkeypatch)
     calls = []
     monkeypatch.setattr(G, "_conv_weight_grad", lambda *a, f=G._conv_weight_grad: calls.append(a[-1]) or f(*a))
     model, channels, size = model_and_size("cnn")
@@ -96,7 +109,7 @@ def test_k1_takes_the_grouped_convolution_and_agrees(route, monkeypatch):
     ref, ref_norms = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.05)
     torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
-    if route != "ghost":
+    if route in ("auto", "keep"):
         assert 4 in calls, "examples as groups of one grouped convolution"
 
 
