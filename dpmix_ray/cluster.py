@@ -16,26 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
+from dpmix_ray.config import read_yaml
 from dpmix_ray.errors import ConfigError
 
 STORAGE_ENV = "DPMIX_RAY_STORAGE_PATH"
 _SHARED_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://")
-
-
-def _load(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: cluster config not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return raw
 
 
 def _ray_checks(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +47,7 @@ def _commands(cfg: dict[str, Any], key: str) -> list[str]:
 def check_cluster(path: Path) -> list[str]:
     """Info lines describing a valid cluster; ConfigError with one line for the first problem."""
     path = Path(path)
-    cfg = _ray_checks(path, _load(path))
+    cfg = _ray_checks(path, read_yaml(path))
     from ray import __version__ as ray_version
 
     types: dict[str, Any] = cfg["available_node_types"]
