@@ -287,11 +287,25 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
 
 
 def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
-    """Affine GroupNorm: per-example gradients are C-sized, so always kept: Σ g·x̂ and Σ g."""
-    x_hat = F.group_norm(a, mod.num_groups, eps=mod.eps)
-    shape = (b, -1, a.shape[1], x_hat[0, 0].numel())
-    gw, gb = (gy * x_hat).reshape(shape).sum((1, 3)), gy.reshape(shape).sum((1, 3))
-    return gw.pow(2).sum(1) + gb.pow(2).sum(1), lambda c: {"weight": c @ gw, "bias": c @ gb}
+    """Affine GroupNorm: per-example gradients are C-sized, so always kept. ATen's own GroupNorm backward
+    forms them (Σ g·x̂, Σ g per channel) without an x̂ tensor: with G = 1 in one call whose batch is the
+    b examples laid side by side as b·C channels (views); else one call per example."""
+    n_img, c, groups = a.shape[0], a.shape[1], mod.num_groups
+    hw, g = a[0, 0].numel(), n_img // b
+    _, mean, rstd = _aten.native_group_norm(a, None, None, n_img, c, hw, groups, mod.eps)
+    mask = (False, True, True)
+    if g == 1:
+        _, gw, gb = _aten.native_group_norm_backward(
+            gy.reshape(1, b * c, hw), a.reshape(1, b * c, hw), mean.view(1, -1), rstd.view(1, -1), None, 1, b * c, hw, b * groups, mask
+        )
+        gw, gb = gw.view(b, c), gb.view(b, c)
+    else:
+        parts = [
+            _aten.native_group_norm_backward(gy[s], a[s], mean[s], rstd[s], None, g, c, hw, groups, mask)[1:]
+            for s in (slice(i * g, (i + 1) * g) for i in range(b))
+        ]
+        gw, gb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return gw.pow(2).sum(1) + gb.pow(2).sum(1), lambda c_: {"weight": c_ @ gw, "bias": c_ @ gb}
 
 
 _Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor, int, Route], tuple[torch.Tensor, _Finish]]
