@@ -126,13 +126,6 @@ _WS_EPS = 1e-5  # WSConv2d's epsilon
 _GROUPED_MAX_WORK = 1 << 22  # per-example multiplies below which one grouped call beats a loop (CPU, measured)
 
 
-def _use_ghost(t: int, d: int, p: int) -> bool:
-    """Ghost norms cost T²·(d+p) multiplies against T·d·p to materialise. (A ghost multiply costs about
-    two of oneDNN's weight-gradient ones on CPU, but the ghost route holds no [b, d, p] tensor, and the
-    memory it saves where it is near the break-even point is worth more than the time.)"""
-    return t * (d + p) < d * p
-
-
 def _rows(t: torch.Tensor, b: int, features_dim: int) -> torch.Tensor:
     """[b·G, …] → [b, T, features]: each example's G images and their positions as T rows."""
     t = t.movedim(features_dim, -1)
@@ -238,6 +231,49 @@ def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torc
         yield _conv_weight_grad(mod, w, gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g], mod.groups)[None]
 
 
+def _padded_positions(mod: nn.Conv2d, out_hw: torch.Size) -> list[tuple[slice, slice]]:
+    """For each kernel offset, the rows and columns of the zero-padded input that it reads, in output order."""
+    (sh, sw), (dh, dw), (kh, kw) = mod.stride, mod.dilation, mod.kernel_size
+    ho, wo = out_hw
+    return [
+        (slice(dy * dh, dy * dh + sh * (ho - 1) + 1, sh), slice(dx * dw, dx * dw + sw * (wo - 1) + 1, sw))
+        for dy in range(kh)
+        for dx in range(kw)
+    ]
+
+
+def _gram_costs(mod: nn.Conv2d, a_shape: torch.Size, b: int, t: int) -> tuple[int, int]:
+    """Multiplies for the Gram of an example's unfolded rows: (via the padded input's pixels, via unfold)."""
+    g, c = a_shape[0] // b, a_shape[1]
+    padded = g * (a_shape[2] + 2 * mod.padding[0]) * (a_shape[3] + 2 * mod.padding[1])
+    return padded * padded * c, t * t * mod.weight[0].numel()
+
+
+def _conv_gram(mod: nn.Conv2d, a: torch.Tensor, b: int, out_hw: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the Gram matrix of its unfolded input rows, A_tt' = a_t·a_t' ([b, T, T]), and each
+    row's sum Σ a_t ([b, T]). Either by unfolding, or without: the Gram of the zero-padded input's
+    pixels (over channels, all G images) is formed once and A is the sum over kernel offsets of its
+    shifted slices, (G·Hp·Wp)²·C multiplies instead of T²·C·k² (k² fewer for a stride-1 convolution)."""
+    g = a.shape[0] // b
+    t = g * out_hw[0] * out_hw[1]
+    via_pixels, via_unfold = _gram_costs(mod, a.shape, b, t)
+    if via_unfold <= via_pixels:
+        rows = _rows(F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), b, 1)  # [b, T, d]
+        return torch.bmm(rows, rows.transpose(1, 2)), rows.sum(2)
+    ph, pw = mod.padding
+    xp = F.pad(a, (pw, pw, ph, ph))
+    _, c, hp, wp = xp.shape
+    x2 = xp.view(b, g, c, hp * wp).transpose(1, 2).reshape(b, c, g * hp * wp)
+    full = torch.bmm(x2.transpose(1, 2), x2).view(b, g, hp, wp, g, hp, wp)
+    pixel_sums = xp.sum(1).view(b, g, hp, wp)
+    gram = row_sums = None
+    for rows_, cols in _padded_positions(mod, out_hw):
+        part, part_sums = full[:, :, rows_, cols][:, :, :, :, :, rows_, cols], pixel_sums[:, :, rows_, cols]
+        gram = part.clone() if gram is None else gram.add_(part)
+        row_sums = part_sums.clone() if row_sums is None else row_sums.add_(part_sums)
+    return gram.reshape(b, t, t), row_sums.reshape(b, t)
+
+
 def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
     """Conv2d, and WSConv2d through :class:`_Standardisation` (gradients are formed or ghosted for w' and
     mapped back). The ghost route of a WSConv2d needs the layer's output ``out`` (for ⟨g, w'⟩)."""
@@ -247,14 +283,14 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
     sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
     if route == "ghost":
         g2 = _rows(gy, b, 1)  # [b, T, p]
-        a2 = _rows(F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), b, 1)  # [b, T, n]
-        q = (torch.bmm(torch.bmm(a2, a2.transpose(1, 2)), g2) * g2).sum(1)  # per-filter ‖∂L/∂w'_o‖², [b, p]
+        gram, row_sums = _conv_gram(mod, a, b, gy.shape[2:])
+        q = (torch.bmm(gram, g2) * g2).sum(1)  # per-filter ‖∂L/∂w'_o‖², [b, p]
         if ws is None:
             sq = sq + q.sum(1)
         else:
             assert out is not None
             y = _rows(out if mod.bias is None else out - mod.bias.detach()[:, None, None], b, 1)  # a_t·w'_o
-            sq = sq + ws.sq_norms(q, torch.einsum("btp,bt->bp", g2, a2.sum(2)), (g2 * y).sum(1))
+            sq = sq + ws.sq_norms(q, torch.einsum("btp,bt->bp", g2, row_sums), (g2 * y).sum(1))
     else:
         per: list[torch.Tensor] = []
         parts = []
@@ -329,13 +365,15 @@ def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call
     kept = b * sum(p.numel() for p in mod.parameters(recurse=False)) * a.element_size()
     if isinstance(mod, nn.Linear):
         t, d, p = a.numel() // (b * mod.in_features), mod.in_features, mod.out_features
+        ghost_cost = t * t * (d + p)
     elif isinstance(mod, nn.Conv2d):
         t, d, p = out.shape[0] // b * out.shape[2] * out.shape[3], mod.weight[0].numel(), mod.out_channels
-        if mod.groups != 1:  # the ghost gram of a grouped convolution is not a plain unfold
+        if mod.groups != 1:  # the Gram of a grouped convolution's input is per group: not done here
             return _Call(mod, a, None, t, kept, "keep")
+        ghost_cost = min(_gram_costs(mod, a.shape, b, t)) + t * t * p  # see _conv_gram
     else:  # GroupNorm: C-sized per-example gradients, always kept
         return _Call(mod, a, None, 0, 0, "keep")
-    ghost = _use_ghost(t, d, p)
+    ghost = ghost_cost < t * d * p  # against materialising the T×d by T×p product
     return _Call(mod, a, out.detach() if ghost and isinstance(mod, WSConv2d) else None, t, kept, "ghost" if ghost else "keep")
 
 

@@ -17,13 +17,18 @@ from dpmix_ray.mix import SyntheticPool, build_groups
 from dpmix_ray.models import build_model
 
 CLASSES = 5
-ROUTES = ("auto", "keep", "norms", "ghost")
+ROUTES = ("auto", "keep", "norms", "ghost-pixels", "ghost-unfold")
 
 
 def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every Linear/Conv2d layer takes ``route`` (a grouped convolution has no ghost route)."""
+    """Every Linear/Conv2d layer takes ``route`` (a grouped convolution has no ghost route); a ghost
+    convolution forms its Gram from the padded input's pixels or by unfolding."""
     if route == "auto":
         return
+    if route.startswith("ghost"):
+        costs = (0, 1) if route == "ghost-pixels" else (1, 0)
+        monkeypatch.setattr(G, "_gram_costs", lambda *a: costs)
+        route = "ghost"
 
     def record(mod, a, out, b, original=G._record):
         call = original(mod, a, out, b)
