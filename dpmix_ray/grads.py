@@ -165,15 +165,13 @@ class _Standardisation:
 
 def _weighted_sum(c: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
     """Σ_i c_i·g_i for per-example gradients held as consecutive chunks of examples ([k, …] each)."""
-    if len(chunks) == 1:
-        return torch.einsum("b,b...->...", c, chunks[0])
-    acc = torch.zeros_like(chunks[0][0])
-    start = 0
+    total, start = None, 0
     for ch in chunks:
-        for g in ch:
-            acc.addcmul_(g, c[start])
-            start += 1
-    return acc
+        part = torch.einsum("b,b...->...", c[start : start + ch.shape[0]], ch)
+        total = part if total is None else total.add_(part)
+        start += ch.shape[0]
+    assert total is not None
+    return total
 
 
 def _sq_norms(per: torch.Tensor) -> torch.Tensor:
@@ -213,19 +211,23 @@ def _conv_weight_grad(mod: nn.Conv2d, w: torch.Tensor, gy: torch.Tensor, a: torc
     )[1]
 
 
-def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int, grouped: bool) -> Iterator[torch.Tensor]:
+def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int) -> Iterator[torch.Tensor]:
     """Per-example weight gradients of a convolution whose chunk holds b examples of G images each,
-    yielded in consecutive chunks of examples ([k, *w.shape]) so that a caller after norms only holds one.
+    yielded in consecutive chunks of examples ([k, *w.shape]) so that a caller after norms holds one.
 
-    ``grouped`` (G = 1): one grouped convolution, the examples as groups and the inputs as views,
-    replaces b small calls but holds all b gradients at once (and oneDNN takes as much again inside);
-    its weight argument only gives shapes (a weight gradient does not depend on the weight), so a
-    broadcast zero stands in for b copies. Otherwise one call per example.
+    With G = 1 and little work per example, grouped convolutions (examples as groups, inputs as views)
+    replace b small calls. One takes about three times its gradients' size (oneDNN reorders), so k is
+    capped to keep that within the layer input's size. A weight gradient does not depend on the weight:
+    a broadcast zero stands in for k copies of it. Otherwise one call per example over its G images.
     """
     g = a.shape[0] // b
-    if grouped:
-        shapes_only = torch.zeros((), dtype=w.dtype, device=w.device).expand(b * w.shape[0], *w.shape[1:])
-        yield _conv_weight_grad(mod, shapes_only, gy.reshape(1, -1, *gy.shape[2:]), a.reshape(1, -1, *a.shape[2:]), b).view(b, *w.shape)
+    if g == 1 and mod.groups == 1 and gy[0].numel() * w[0].numel() < _GROUPED_MAX_WORK:
+        k = max(1, min(b, a.numel() // (3 * w.numel())))
+        shapes_only = torch.zeros((), dtype=w.dtype, device=w.device).expand(k * w.shape[0], *w.shape[1:])
+        for i in range(0, b, k):
+            gy_i, a_i = gy[i : i + k].reshape(1, -1, *gy.shape[2:]), a[i : i + k].reshape(1, -1, *a.shape[2:])
+            n = gy[i : i + k].shape[0]
+            yield _conv_weight_grad(mod, shapes_only[: n * w.shape[0]], gy_i, a_i, n).view(n, *w.shape)
         return
     for i in range(b):
         yield _conv_weight_grad(mod, w, gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g], mod.groups)[None]
@@ -294,9 +296,7 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
     else:
         per: list[torch.Tensor] = []
         parts = []
-        # One grouped call when little work per example would make b calls slow and the gradients are kept anyway.
-        grouped = route == "keep" and a.shape[0] == b and mod.groups == 1 and gy[0].numel() * w_eff[0].numel() < _GROUPED_MAX_WORK
-        for chunk in _per_example_conv(mod, w_eff, a, gy, b, grouped):
+        for chunk in _per_example_conv(mod, w_eff, a, gy, b):
             if ws is None:
                 parts.append(_sq_norms(chunk))
             else:
@@ -373,7 +373,10 @@ def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call
         ghost_cost = min(_gram_costs(mod, a.shape, b, t)) + t * t * p  # see _conv_gram
     else:  # GroupNorm: C-sized per-example gradients, always kept
         return _Call(mod, a, None, 0, 0, "keep")
-    ghost = ghost_cost < t * d * p  # against materialising the T×d by T×p product
+    # Against materialising the T×d by T×p product: measured on CPU, the routes break even near
+    # 0.35 (a Gram multiply is slower, and the ghost route adds the weighted weight-gradient call);
+    # near it the ghost route is taken for the memory it saves.
+    ghost = ghost_cost < 0.4 * t * d * p
     return _Call(mod, a, out.detach() if ghost and isinstance(mod, WSConv2d) else None, t, kept, "ghost" if ghost else "keep")
 
 
