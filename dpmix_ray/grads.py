@@ -83,15 +83,13 @@ def noisy_mean(summed: Grads, *, noise_multiplier: float, clip_norm: float, expe
     """(Σ clipped + N(0, σ²C²)) / (q·N): noise added once per logical step, divided by the *expected* batch size.
 
     Dividing by the expected (not realised) batch size keeps the released quantity a function of the
-    noisy sum alone, as the Poisson-subsampled Gaussian analysis assumes.
+    noisy sum alone, as the Poisson-subsampled Gaussian analysis assumes. The noise is drawn already
+    scaled and then updated in place: one allocation per parameter instead of four.
     """
     std = noise_multiplier * clip_norm
-    return {
-        k: (s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)) / expected_batch_size
-        if std > 0
-        else s / expected_batch_size
-        for k, s in summed.items()
-    }
+    if std == 0:
+        return {k: s / expected_batch_size for k, s in summed.items()}
+    return {k: torch.empty_like(s).normal_(0.0, std, generator=generator).add_(s).div_(expected_batch_size) for k, s in summed.items()}
 
 
 def summed_grads_nonprivate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[Grads, torch.Tensor]:
