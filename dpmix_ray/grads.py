@@ -177,7 +177,21 @@ def _sq_norms(per: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(per.flatten(1), dim=1).pow(2)
 
 
-def _linear(mod: nn.Linear, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
+@dataclass
+class _Call:
+    """One trainable layer's forward, as the backward hook and the route planner see it."""
+
+    module: nn.Module
+    a: torch.Tensor
+    out: torch.Tensor | None  # held only for a WSConv2d's ghost route
+    rows: int  # T per example
+    kept_bytes: int  # its per-example gradients, if kept
+    route: Route
+    per_call: int = 1  # examples per grouped per-example convolution (G = 1), set by the plan
+
+
+def _linear(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
+    mod, a, route = call.module, call.a, call.route
     a2, g2 = _rows(a, b, -1), _rows(gy, b, -1)
     bias = g2.sum(1) if mod.bias is not None else None
     sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
@@ -209,18 +223,16 @@ def _conv_weight_grad(mod: nn.Conv2d, w: torch.Tensor, gy: torch.Tensor, a: torc
     )[1]
 
 
-def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int) -> Iterator[torch.Tensor]:
+def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int, k: int) -> Iterator[torch.Tensor]:
     """Per-example weight gradients of a convolution whose chunk holds b examples of G images each,
     yielded in consecutive chunks of examples ([k, *w.shape]) so that a caller after norms holds one.
 
-    With G = 1 and little work per example, grouped convolutions (examples as groups, inputs as views)
-    replace b small calls. One takes about three times its gradients' size (oneDNN reorders), so k is
-    capped to keep that within the layer input's size. A weight gradient does not depend on the weight:
-    a broadcast zero stands in for k copies of it. Otherwise one call per example over its G images.
+    With G = 1 and little work per example, grouped convolutions over k examples at a time (examples
+    as groups, inputs as views) replace b small calls. A weight gradient does not depend on the
+    weight: a broadcast zero stands in for k copies of it. Otherwise one call per example.
     """
     g = a.shape[0] // b
     if g == 1 and mod.groups == 1 and gy[0].numel() * w[0].numel() < _GROUPED_MAX_WORK:
-        k = max(1, min(b, a.numel() // (3 * w.numel())))
         shapes_only = torch.zeros((), dtype=w.dtype, device=w.device).expand(k * w.shape[0], *w.shape[1:])
         for i in range(0, b, k):
             gy_i, a_i = gy[i : i + k].reshape(1, -1, *gy.shape[2:]), a[i : i + k].reshape(1, -1, *a.shape[2:])
@@ -274,9 +286,10 @@ def _conv_gram(mod: nn.Conv2d, a: torch.Tensor, b: int, out_hw: torch.Size) -> t
     return gram.reshape(b, t, t), row_sums.reshape(b, t)
 
 
-def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
+def _conv2d(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
     """Conv2d, and WSConv2d through :class:`_Standardisation` (gradients are formed or ghosted for w' and
-    mapped back). The ghost route of a WSConv2d needs the layer's output ``out`` (for ⟨g, w'⟩)."""
+    mapped back). The ghost route of a WSConv2d needs the layer's output (for ⟨g, w'⟩)."""
+    mod, a, out, route = call.module, call.a, call.out, call.route
     ws = _Standardisation(mod.weight) if isinstance(mod, WSConv2d) else None
     w_eff = mod.weight.detach() if ws is None else ws.w_std.view_as(mod.weight)
     bias = gy.reshape(b, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3)) if mod.bias is not None else None
@@ -294,7 +307,7 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
     else:
         per: list[torch.Tensor] = []
         parts = []
-        for chunk in _per_example_conv(mod, w_eff, a, gy, b):
+        for chunk in _per_example_conv(mod, w_eff, a, gy, b, call.per_call):
             if ws is None:
                 parts.append(_sq_norms(chunk))
             else:
@@ -320,10 +333,11 @@ def _conv2d(mod: nn.Conv2d, a: torch.Tensor, out: torch.Tensor | None, gy: torch
     return sq, finish
 
 
-def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor | None, gy: torch.Tensor, b: int, route: Route) -> tuple[torch.Tensor, _Finish]:
+def _group_norm(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
     """Affine GroupNorm: per-example gradients are C-sized, so always kept. ATen's own GroupNorm backward
     forms them (Σ g·x̂, Σ g per channel) without an x̂ tensor: with G = 1 in one call whose batch is the
     b examples laid side by side as b·C channels (views); else one call per example."""
+    mod, a = call.module, call.a
     n_img, c, groups = a.shape[0], a.shape[1], mod.num_groups
     hw, g = a[0, 0].numel(), n_img // b
     _, mean, rstd = _aten.native_group_norm(a, None, None, n_img, c, hw, groups, mod.eps)
@@ -342,20 +356,8 @@ def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor | None, gy
     return gw.pow(2).sum(1) + gb.pow(2).sum(1), lambda c_: {"weight": c_ @ gw, "bias": c_ @ gb}
 
 
-_Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor, int, Route], tuple[torch.Tensor, _Finish]]
+_Rule = Callable[[_Call, torch.Tensor, int], tuple[torch.Tensor, _Finish]]
 _RULES: dict[type[nn.Module], _Rule] = {nn.Linear: _linear, nn.Conv2d: _conv2d, WSConv2d: _conv2d, nn.GroupNorm: _group_norm}
-
-
-@dataclass
-class _Call:
-    """One trainable layer's forward, as the backward hook and the route planner see it."""
-
-    module: nn.Module
-    a: torch.Tensor
-    out: torch.Tensor | None  # held only for a WSConv2d's ghost route
-    rows: int  # T per example
-    kept_bytes: int  # its per-example gradients, if kept
-    route: Route
 
 
 def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call:
@@ -378,14 +380,19 @@ def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call
     return _Call(mod, a, out.detach() if ghost and isinstance(mod, WSConv2d) else None, t, kept, "ghost" if ghost else "keep")
 
 
-def _plan(calls: list[_Call]) -> None:
-    """Keep per-example gradients, most rows first, while they fit in the bytes of the layers' inputs."""
+def _plan(calls: list[_Call], b: int) -> None:
+    """Keep per-example gradients, most rows first, while they fit in a budget: the bytes of the layers'
+    inputs, tensors autograd saves anyway. What is left of it caps the transient of a grouped
+    per-example convolution, about three times its gradients' size (oneDNN reorders its output)."""
     budget = sum({c.a.data_ptr(): c.a.numel() * c.a.element_size() for c in calls}.values())
     for call in sorted((c for c in calls if c.route == "keep"), key=lambda c: -c.rows):
         if call.kept_bytes > budget:
             call.route = "norms"
         else:
             budget -= call.kept_bytes
+    for call in calls:
+        if call.kept_bytes:
+            call.per_call = max(1, min(b, budget * b // (3 * call.kept_bytes)))
 
 
 def _fast_layers(model: nn.Module) -> dict[nn.Module, str] | None:
@@ -434,7 +441,7 @@ def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tens
         def on_grad(gy: torch.Tensor) -> None:
             call = calls.pop(mod)  # drops the held input as soon as the layer is done
             with torch.no_grad():
-                pieces[mod] = _RULES[type(mod)](mod, call.a, call.out, gy, b, call.route)
+                pieces[mod] = _RULES[type(mod)](call, gy, b)
 
         out.register_hook(on_grad)
         if not first:
@@ -448,7 +455,7 @@ def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tens
             h.remove()
     if len(calls) != len(layers):
         raise RuntimeError("clipped_sum_fast: some trainable layer did not run in the forward")
-    _plan(list(calls.values()))
+    _plan(list(calls.values()), b)
     # Differentiating w.r.t. the first layer's output runs every hook and forms no weight gradient.
     torch.autograd.grad(losses.sum(), first)
     if calls:

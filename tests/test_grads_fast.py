@@ -36,8 +36,14 @@ def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
             call.route, call.out = route, out.detach()
         return call
 
+    def plan(calls, b, original=G._plan):
+        forced = [c.route for c in calls]
+        original(calls, b)  # sizes the grouped convolutions; may turn "keep" into "norms"
+        for c, r in zip(calls, forced):
+            c.route = r
+
     monkeypatch.setattr(G, "_record", record)
-    monkeypatch.setattr(G, "_plan", lambda calls: None)
+    monkeypatch.setattr(G, "_plan", plan)
 
 
 def groups(b: int, k: int, m: int, n: int, *, channels: int, size: int, seed: int, scale: float = 1.0):
@@ -104,7 +110,7 @@ def test_fast_clipped_sum_equals_microbatch_loop_and_vmap(name, seed, route, mon
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_k1_takes_grouped_convolutions_in_slices_and_agrees(route, monkeypatch):
-    """G = 1 with little work per example: grouped calls over slices of examples (here 2, 2, 2, 1 of 7)."""
+    """G = 1 with little work per example: grouped calls over slices of the 7 examples, sized by the plan."""
     force(route, monkeypatch)
     calls = []
     monkeypatch.setattr(G, "_conv_weight_grad", lambda *a, f=G._conv_weight_grad: calls.append(a[-1]) or f(*a))
@@ -117,8 +123,8 @@ def test_k1_takes_grouped_convolutions_in_slices_and_agrees(route, monkeypatch):
     ref, ref_norms = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.05)
     torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
-    if route in ("keep", "norms"):
-        assert calls.count(2) == 6 and calls.count(1) >= 2, calls
+    if route in ("auto", "keep", "norms"):
+        assert any(1 < n < 7 for n in calls), calls
 
 
 def test_clipped_sum_dispatch(monkeypatch):
