@@ -172,11 +172,6 @@ def _weighted_sum(c: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _sq_norms(per: torch.Tensor) -> torch.Tensor:
-    """‖per_i‖² for each example i of a [k, …] chunk, without a squared temporary."""
-    return torch.linalg.vector_norm(per.flatten(1), dim=1).pow(2)
-
-
 @dataclass
 class _Call:
     """One trainable layer's forward, as the backward hook and the route planner see it."""
@@ -199,7 +194,7 @@ def _linear(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finis
         sq = sq + (torch.bmm(a2, a2.transpose(1, 2)) * torch.bmm(g2, g2.transpose(1, 2))).sum((1, 2))
     else:
         per = torch.bmm(g2.transpose(1, 2), a2)
-        sq = sq + _sq_norms(per)
+        sq = sq + torch.linalg.vector_norm(per.flatten(1), dim=1).pow(2)
     # Each branch's closure holds only what its route needs (the kept gradients, or a and ∂L/∂y).
     if route == "keep":
 
@@ -306,16 +301,20 @@ def _conv2d(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finis
             sq = sq + ws.sq_norms(q, torch.einsum("btp,bt->bp", g2, row_sums), (g2 * y).sum(1))
     else:
         per: list[torch.Tensor] = []
-        parts = []
+        # Per chunk only the reductions that need the gradients; the arithmetic on them runs once.
+        norms, sums, dots = [], [], []
         for chunk in _per_example_conv(mod, w_eff, a, gy, b, call.per_call):
             if ws is None:
-                parts.append(_sq_norms(chunk))
+                norms.append(torch.linalg.vector_norm(chunk.flatten(1), dim=1))
             else:
                 f = chunk.flatten(2)  # [k, p, n]
-                parts.append(ws.sq_norms(torch.linalg.vector_norm(f, dim=2).pow(2), f.sum(2), (f * ws.w_std).sum(2)))
+                norms.append(torch.linalg.vector_norm(f, dim=2))
+                sums.append(f.sum(2))
+                dots.append(torch.linalg.vecdot(f, ws.w_std))
             if route == "keep":
                 per.append(chunk)
-        sq = sq + torch.cat(parts)
+        q = torch.cat(norms).pow(2)
+        sq = sq + (q if ws is None else ws.sq_norms(q, torch.cat(sums), torch.cat(dots)))
     if route == "keep":
 
         def weight(c: torch.Tensor) -> torch.Tensor:
