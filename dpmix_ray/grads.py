@@ -467,6 +467,47 @@ def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     return {k: summed[k] for k in trainable(model)}, norms, losses.detach()
 
 
+def _saved_bytes(model: nn.Module, image_shape: tuple[int, ...], images: int) -> int:
+    """Bytes of the tensors autograd saves in one forward of ``images`` zero images (parameters and
+    buffers excluded; a storage counted once). Buffers and the RNG are restored afterwards."""
+    p = next(model.parameters())
+    state = {k: v.clone() for k, v in model.named_buffers()}
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []), torch.enable_grad():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.zeros(images, *image_shape, dtype=p.dtype, device=p.device))
+    model.load_state_dict(state, strict=False)
+    return sum(saved.values())
+
+
+def step_memory(model: nn.Module, image_shape: tuple[int, ...], group_size: int, *, private: bool) -> tuple[int, int]:
+    """(bytes whatever the chunk, bytes per example) at the peak of one step, to size chunks from a memory cap.
+
+    The activations are measured: autograd's saved tensors for one and for two images tell the
+    per-image part from what is saved once per forward (WSConv2d's standardised weights). The factors
+    (peak over saved activations) come from bench/grad_step.py: non-private ≤ 1.45; the fast path
+    keeps per-example gradients and its transients within the layers' input bytes (≤ the saved
+    activations), so ≤ 2; vmap holds its per-example gradients twice and about 3× the activations.
+    """
+    once, twice = _saved_bytes(model, image_shape, 1), _saved_bytes(model, image_shape, 2)
+    per_image, fixed = twice - once, 2 * once - twice
+    if not private:
+        factor, per_example_grads = 1.5, 0
+    elif supports_fast(model):
+        factor, per_example_grads = 2.0, 0
+    else:
+        factor, per_example_grads = 3.0, 2 * sum(p.numel() * p.element_size() for p in trainable(model).values())
+    return int(factor * max(0, fixed)), int(factor * group_size * per_image) + per_example_grads
+
+
 def clipped_sum(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, clip_norm: float, per_example_fn: PerExampleFn | None = None
 ) -> tuple[Grads, torch.Tensor]:

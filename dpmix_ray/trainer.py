@@ -47,15 +47,15 @@ def resolve_device(name: str) -> torch.device:
 def examples_per_chunk(cfg: TrainConfig, model: nn.Module, image_shape: tuple[int, ...]) -> int:
     """Examples per physical chunk. ``physical_batch_size`` counts augmented images (a group is one example).
 
-    When it is null, size the chunk from ``memory_cap_mb``: per-example gradients cost 4·P bytes
-    per example, activations roughly 64 floats per input pixel per image (a coarse upper bound).
+    When it is null, size the chunk from ``memory_cap_mb`` with the step's memory model
+    (``grads.step_memory``: activations measured by a forward of one and of two images, scaled by
+    what the private or non-private step adds to them).
     """
     g = cfg.mix.group_size
     if cfg.optim.physical_batch_size is not None:
         return max(1, cfg.optim.physical_batch_size // g)
-    n_params = sum(p.numel() for p in G.trainable(model).values())
-    per_example = 4 * n_params + g * 4 * 64 * math.prod(image_shape)
-    return max(1, int(cfg.optim.memory_cap_mb * 2**20 // per_example))
+    fixed, per_example = G.step_memory(model, image_shape, g, private=cfg.is_private)
+    return max(1, int((cfg.optim.memory_cap_mb * 2**20 - fixed) // per_example))
 
 
 def augmentation(cfg: TrainConfig, splits: Splits) -> tuple[bool, int]:

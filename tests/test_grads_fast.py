@@ -182,3 +182,39 @@ def test_trainer_default_is_the_fast_path_and_equals_the_loop():
     loop = T.train(cfg, splits=splits, progress=False, per_example_fn=G.per_example_grads_loop)
     assert fast["val_accuracy"] == pytest.approx(loop["val_accuracy"], abs=1 / 180)
     assert fast["steps"] == loop["steps"]
+
+
+def _peak_mb(fn) -> float:
+    """Peak of live tensor bytes allocated during ``fn`` (the profiler's allocation events), in MiB."""
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("method", ["dpmix_self", "nonprivate"])
+def test_chunk_from_memory_cap_fits_the_cap(method):
+    cfg = load_train_config(None, [f"method={method}", "model.name=cnn", "optim.memory_cap_mb=64", "mix.aug_multiplicity=8", "mix.self_mix=4"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, in_channels=1, num_classes=10, image_size=28).train()
+    chunk = T.examples_per_chunk(cfg, model, (1, 28, 28))
+    x = torch.rand(chunk, 12, 1, 28, 28)
+    y = torch.nn.functional.one_hot(torch.randint(0, 10, (chunk, 12)), 10).float()
+    step = (lambda: G.clipped_sum_fast(model, x, y, 1.0)) if method != "nonprivate" else (lambda: G.summed_grads_nonprivate(model, x, y))
+    assert 64 / 4 <= _peak_mb(step) <= 64
+
+
+def test_memory_probe_leaves_buffers_and_rng_alone():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, CLASSES)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    G.step_memory(model, (1, 8, 8), 3, private=False)
+    draw = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(draw, torch.rand(1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
