@@ -38,7 +38,7 @@ CLASSES = 10
 VARIANTS = ("nonprivate", "vmap", "fast")
 # model → (batch size B, channels, image size)
 FULL = {"cnn_tiny": (64, 1, 28), "cnn": (64, 1, 28), "wrn16_4": (8, 3, 32)}
-QUICK = {"cnn_tiny": (16, 1, 28), "wrn16_4": (2, 3, 16)}
+QUICK = {"cnn_tiny": (8, 1, 28), "wrn16_4": (2, 3, 8)}
 
 
 def make_step(variant: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -105,7 +105,7 @@ def measure(name: str, b: int, channels: int, size: int, k: int, reps: int, cloc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: small batches, K ∈ {1, 4}, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny batches and images, K ∈ {1, 2}, 1 round")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(FULL))
     ap.add_argument("--ks", default=None, help="comma-separated K values (default 1,4,16; quick 1,4)")
     ap.add_argument("--reps", type=int, default=None, help="timing rounds (default 5; quick 2)")
@@ -115,8 +115,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     table = QUICK if args.quick else FULL
     models = args.models.split(",") if args.models else list(table)
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else ([1, 4] if args.quick else [1, 4, 16])
-    reps = args.reps or (2 if args.quick else 5)
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else ([1, 2] if args.quick else [1, 4, 16])
+    reps = args.reps or (1 if args.quick else 5)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     timing = "process CPU time, 1 thread" if args.threads == 1 else f"wall time, {args.threads} threads"
 

@@ -218,3 +218,17 @@ def test_memory_probe_leaves_buffers_and_rng_alone():
     torch.manual_seed(5)
     assert torch.equal(draw, torch.rand(1))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bench_quick_runs_and_reports():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "grad_step.py"), "--quick"], capture_output=True, text=True, check=True, cwd=root)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {(r["model"], r["variant"]) for r in report["rows"]} == {(m, v) for m in ("cnn_tiny", "wrn16_4") for v in ("nonprivate", "vmap", "fast")}
+    assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in report["rows"])
+    assert report["worst_fast_ratio"] > 0 and report["worst_fast_mem_ratio"] > 0
