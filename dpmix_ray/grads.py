@@ -2,8 +2,11 @@
 
 An example's "gradient" is the gradient of the mean loss over its whole group (K + m + n images),
 clipped to norm C once. Opacus has no augmentation multiplicity (its issue #455), so the group is
-handled here: ``torch.func.vmap(grad)`` over examples with the group as the inner batch (fast
-path), and a one-example-at-a-time loop (reference) that tests hold the fast path to.
+handled here, three ways that tests hold to each other: a one-example-at-a-time loop (the
+reference), ``torch.func.vmap(grad)`` over examples with the group as the inner batch (any model),
+and ``clipped_sum_fast`` (book-keeping with ghost norms per layer; what the trainer runs when the
+model's trainable layers are Linear, Conv2d, WSConv2d, GroupNorm), which returns the clipped sum
+without the model's per-example gradients. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -107,9 +110,10 @@ def summed_grads_nonprivate(model: nn.Module, images: torch.Tensor, targets: tor
 # chunk and, with the input a the layer saw, reduces it to per-example squared norms, folding each
 # example's G images and their spatial positions into one "sequence" of T rows. A layer (T rows, d
 # inputs, p outputs per row) takes one of three routes:
-# - "ghost" when T²·(d+p) multiplies are well below T·d·p: ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')
-#   without forming the gradient; its share of the clipped sum is then one ordinary weight-gradient
-#   call on c-weighted output gradients (c_i = min(1, C/‖∇ℓ_i‖));
+# - "ghost" when its multiplies (the Gram of the rows, see _conv_gram, and T²·p) are below 0.4 of the
+#   T·d·p that materialising takes: ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t') without forming the
+#   gradient; its share of the clipped sum is then one ordinary weight-gradient call on c-weighted
+#   output gradients (c_i = min(1, C/‖∇ℓ_i‖));
 # - "keep": per-example gradients are formed and kept; its share is one weighted sum over examples;
 # - "norms": formed for their norms only and dropped, the share computed as for "ghost". Layers keep
 #   while their per-example gradients fit in a budget equal to the bytes of all the layers' inputs
@@ -471,7 +475,7 @@ def _saved_bytes(model: nn.Module, image_shape: tuple[int, ...], images: int) ->
     """Bytes of the tensors autograd saves in one forward of ``images`` zero images (parameters and
     buffers excluded; a storage counted once). Buffers and the RNG are restored afterwards."""
     p = next(model.parameters())
-    state = {k: v.clone() for k, v in model.named_buffers()}
+    state = [(v, v.clone()) for v in model.buffers()]
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
@@ -484,7 +488,9 @@ def _saved_bytes(model: nn.Module, image_shape: tuple[int, ...], images: int) ->
     with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(torch.zeros(images, *image_shape, dtype=p.dtype, device=p.device))
-    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for buffer, value in state:
+            buffer.copy_(value)
     return sum(saved.values())
 
 
