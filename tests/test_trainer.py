@@ -46,9 +46,10 @@ def test_over_budget_is_refused_before_anything_is_built(digits, monkeypatch):
         T.train(cfg, splits=digits, progress=False)
 
 
-def test_trainer_fast_path_equals_reference_path(digits):
+@pytest.mark.parametrize("fast", [None, G.per_example_grads_vmap])  # None: the trainer's default fast path
+def test_trainer_fast_paths_equal_the_reference_loop(digits, fast):
     cfg = load_train_config(None, TINY + ["optim.epochs=0.2", "privacy.epsilon=8"])
-    a = T.train(cfg, splits=digits, progress=False, per_example_fn=G.per_example_grads_vmap)
+    a = T.train(cfg, splits=digits, progress=False, per_example_fn=fast)
     b = T.train(cfg, splits=digits, progress=False, per_example_fn=G.per_example_grads_loop)
     assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 180)
     assert a["steps"] == b["steps"] and a["noise_multiplier"] == b["noise_multiplier"]
