@@ -128,3 +128,19 @@ def test_noise_std_is_sigma_C_over_expected_batch():
     std = out["w"].std().item()
     assert std == pytest.approx(sigma * clip / expected, rel=0.01)
     assert abs(out["w"].mean().item()) < 4 * std / np.sqrt(400_000)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_neighbouring_datasets_through_the_trainers_default_path(seed):
+    """The same sensitivity bound for what the trainer actually runs (the fast clipped sum)."""
+    rng = np.random.default_rng(200 + seed)
+    k, m, n = int(rng.integers(2, 5)), int(rng.integers(0, 3)), int(rng.integers(0, 3))
+    clip = float(rng.uniform(0.01, 1.0))
+    model = tiny_model()
+    imgs, tgts = random_groups(5, k, m, n, seed, scale=float(rng.uniform(1, 50)))
+    full, _ = G.clipped_sum(model, imgs, tgts, clip_norm=clip)
+    for drop in range(5):
+        keep = [i for i in range(5) if i != drop]
+        neighbour, _ = G.clipped_sum(model, imgs[keep], tgts[keep], clip_norm=clip)
+        diff = torch.cat([(full[kk] - neighbour[kk]).flatten() for kk in full]).norm()
+        assert diff <= clip * (1 + 1e-9)
