@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from dpmix_ray.privacy import calibrate_noise, epsilon_spent, max_steps
+    from dpmix_ray.privacy import calibrate_noise, epsilon_spent, max_steps, steps_for_epochs
 
     if not 0 < args.sample_rate <= 1:
         raise ConfigError(f"--sample-rate: must be in (0, 1] (got {args.sample_rate})")
@@ -49,7 +48,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         sigma = args.noise_multiplier
         steps = max_steps(epsilon=args.epsilon, delta=args.delta, sample_rate=q, noise_multiplier=sigma, accountant=acct)
     else:
-        steps = args.steps if args.steps is not None else math.ceil(args.epochs / q)
+        steps = args.steps if args.steps is not None else steps_for_epochs(args.epochs, q)
         if steps < 1:
             raise ConfigError("--steps/--epochs: must give at least one step")
         sigma = calibrate_noise(epsilon=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=acct)

@@ -100,6 +100,11 @@ def max_steps(*, epsilon: float, delta: float, sample_rate: float, noise_multipl
     return lo
 
 
+def steps_for_epochs(epochs: float, sample_rate: float) -> int:
+    """Logical steps in ``epochs`` passes at Poisson rate q (an epoch is 1/q expected steps); at least one."""
+    return max(1, math.ceil(epochs / sample_rate))
+
+
 def plan_run(cfg: TrainConfig, n_train: int) -> Plan:
     """Derive the free quantity (σ from epochs, or steps from σ) so that ε_spent ≤ ε_target.
 
@@ -108,10 +113,10 @@ def plan_run(cfg: TrainConfig, n_train: int) -> Plan:
     q = min(1.0, cfg.optim.batch_size / n_train)
     p = cfg.privacy
     if not cfg.is_private:
-        steps = max(1, math.ceil(cfg.optim.epochs / q))
+        steps = steps_for_epochs(cfg.optim.epochs, q)
         return Plan(0.0, q, steps, steps * q, math.inf, p.accountant)
     if p.noise_multiplier is None:
-        steps = max(1, math.ceil(cfg.optim.epochs / q))
+        steps = steps_for_epochs(cfg.optim.epochs, q)
         sigma = calibrate_noise(epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant)
     else:
         sigma = p.noise_multiplier

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dpmix_ray.config import SweepConfig, config_hash
+from dpmix_ray.config import SweepConfig, config_hash, load_sweep_config
 from dpmix_ray.errors import ConfigError
 
 STATE_FILE = "sweep_state.json"
@@ -77,7 +77,7 @@ def read_config(out: Path) -> SweepConfig:
     p = out / CONFIG_FILE
     if not p.is_file():
         raise ConfigError(f"{out}: not a sweep output directory (no {CONFIG_FILE})")
-    return SweepConfig.model_validate(yaml.safe_load(p.read_text()))
+    return load_sweep_config(p)  # the stored config is resolved (inline base, name): one loader, one error format
 
 
 def check_out_dir(out: Path, cfg: SweepConfig, *, resume: bool) -> SweepState | None:
