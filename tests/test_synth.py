@@ -176,6 +176,19 @@ def test_other_config_in_out_is_refused(two_workers: Path, monkeypatch) -> None:
         gen.generate(SynthConfig(**TINY, out=str(foreign)), progress=False)
 
 
+def shards_generated(monkeypatch) -> list[list[int]]:
+    """Spy on the Ray step: the list of shard indices each generate() call asked Ray to make."""
+    asked: list[list[int]] = []
+    real = gen._run_ray
+
+    def spy(spec, cfg, plan, shards, work, progress):
+        asked.append(list(shards))
+        return real(spec, cfg, plan, shards, work, progress)
+
+    monkeypatch.setattr(gen, "_run_ray", spy)
+    return asked
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_only_missing_shards(env: Path, two_workers: Path, monkeypatch) -> None:
     out = env / "resumed"
@@ -192,14 +205,7 @@ def test_interrupted_run_resumes_only_missing_shards(env: Path, two_workers: Pat
     with pytest.raises(DataError, match="no such file"):
         load_synthetic(out, class_names=CLASSES, channels=1, image_size=8)  # nothing published yet
 
-    asked: list[list[int]] = []
-    real = gen._run_ray
-
-    def spy(spec, cfg, plan, shards, work, progress):
-        asked.append(list(shards))
-        return real(spec, cfg, plan, shards, work, progress)
-
-    monkeypatch.setattr(gen, "_run_ray", spy)
+    asked = shards_generated(monkeypatch)
     assert gen.generate(cfg, progress=False) == out
     assert asked == [[1, 2]]
     assert _files(out) == _files(two_workers) and not work.exists()
@@ -215,14 +221,7 @@ def test_corrupt_set_is_refused_then_repaired(env: Path, two_workers: Path, monk
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="corrupt.*shard-00001"):
         load_synthetic(out, class_names=CLASSES, channels=1, image_size=8)
-    asked: list[list[int]] = []
-    real = gen._run_ray
-
-    def spy(spec, cfg, plan, shards, work, progress):
-        asked.append(list(shards))
-        return real(spec, cfg, plan, shards, work, progress)
-
-    monkeypatch.setattr(gen, "_run_ray", spy)
+    asked = shards_generated(monkeypatch)
     assert gen.generate(SynthConfig(**TINY, out=str(out)), progress=False) == out
     assert asked == [[1]] and _files(out) == _files(two_workers)
     load_synthetic(out, class_names=CLASSES, channels=1, image_size=8)
