@@ -122,10 +122,13 @@ def summed_grads_nonprivate(model: nn.Module, images: torch.Tensor, targets: tor
 # Σ_i c_i·ℓ_i a second time), so the step costs one forward, one backward and the norms.
 
 Route = Literal["keep", "norms", "ghost"]
+Forming = Literal["patches", "grouped", "loop"]
 _Finish = Callable[[torch.Tensor], Grads]
 _aten = torch.ops.aten
-_WS_EPS = 1e-5  # WSConv2d's epsilon
-_GROUPED_MAX_WORK = 1 << 22  # per-example multiplies below which one grouped call beats a loop (CPU, measured)
+# Per-example multiplies (G·T·d·p) of a convolution's weight gradient below which batched matmuls
+# over strided patches beat oneDNN calls, and (G = 1) below which grouped calls beat a loop (CPU, measured).
+_PATCHES_MAX_WORK = 2_000_000
+_GROUPED_MAX_WORK = 1 << 22
 
 
 def _rows(t: torch.Tensor, b: int, features_dim: int) -> torch.Tensor:
@@ -142,16 +145,22 @@ class _Standardisation:
     """WSConv2d's w' = (w − mean)·r per output filter (n entries, r = (var + ε)^(−1/2)), and the linear
     map from ∂L/∂w' back to ∂L/∂w = r·(g − Σg/n − w'·⟨g, w'⟩/n). Its squared norm needs only three
     per-filter reductions of g, Q = ‖g‖², S = Σg, D = ⟨g, w'⟩: r²·(Q − S²/n − D²·(2n − ‖w'‖²)/n²), so
-    per-example gradients are never mapped one by one; the clipped sum is mapped once."""
+    per-example gradients are never mapped one by one; the clipped sum is mapped once.
 
-    def __init__(self, w: torch.Tensor) -> None:
-        flat = w.detach().flatten(1)
-        self.n = flat.shape[1]
-        centred = flat - flat.mean(1, keepdim=True)
-        var = torch.linalg.vector_norm(centred, dim=1, keepdim=True).pow(2) / self.n  # var_mean is 2–3× slower on CPU
-        self.r = torch.rsqrt(var + _WS_EPS)
-        self.w_std = centred * self.r  # [filters, n]
-        self.w_sq = self.w_std.pow(2).sum(1)
+    w' and r are the forward's own tensors, read from the autograd nodes that saved them (the
+    convolution saves w', the product (w − mean)·r saves r): recomputing them costs a few passes over
+    the weights per layer and step. ‖w'‖² per filter is then n·var/(var + ε) = n·(1 − ε·r²)."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        conv = out.grad_fn
+        scale = conv.next_functions[1][0] if type(conv).__name__ == "ConvolutionBackward0" else None
+        if type(scale).__name__ != "MulBackward0":
+            raise RuntimeError("clipped_sum_fast: WSConv2d's forward no longer computes conv2d(x, (w − mean)·r)")
+        w_std, r = conv._saved_weight, scale._saved_other
+        self.n = w_std[0].numel()
+        self.w_std = w_std.flatten(1)  # [filters, n]
+        self.r = r.flatten(1)  # [filters, 1]
+        self.w_sq = self.n * (1 - WSConv2d.eps * self.r[:, 0].pow(2))
 
     def sq_norms(self, q: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Per-example squared norms of ∂L/∂w from per-example, per-filter Q, S, D (each [b, filters])."""
@@ -186,7 +195,11 @@ class _Call:
     rows: int  # T per example
     kept_bytes: int  # its per-example gradients, if kept
     route: Route
-    per_call: int = 1  # examples per grouped per-example convolution (G = 1), set by the plan
+    forming: Forming = "loop"  # how a convolution's per-example gradients are formed (keep, norms)
+    transient_bytes: int = 0  # per example, while a slice of them is formed
+    per_call: int = 1  # examples per slice, set by the plan
+    ws: _Standardisation | None = None  # a WSConv2d's w' and r, from its forward
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None  # a GroupNorm's mean and rstd, from its forward
 
 
 def _linear(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
@@ -222,24 +235,59 @@ def _conv_weight_grad(mod: nn.Conv2d, w: torch.Tensor, gy: torch.Tensor, a: torc
     )[1]
 
 
-def _per_example_conv(mod: nn.Conv2d, w: torch.Tensor, a: torch.Tensor, gy: torch.Tensor, b: int, k: int) -> Iterator[torch.Tensor]:
+def _forming(mod: nn.Conv2d, a_shape: torch.Size, out_shape: torch.Size, b: int) -> tuple[Forming, int]:
+    """How to form the per-example weight gradients, and the bytes per example while a slice is formed.
+
+    oneDNN's weight-gradient call costs ~50 µs whatever its size, so small per-example problems are
+    batched: as matmuls over a strided copy of the padded input's patches, or (G = 1) as one grouped
+    convolution with examples as groups; large ones take one call per example."""
+    g, elt = a_shape[0] // b, mod.weight.element_size()
+    d, p, t = mod.weight[0].numel(), mod.out_channels, out_shape[2] * out_shape[3]
+    work = g * t * d * p
+    if mod.groups == 1 and work < _PATCHES_MAX_WORK:
+        return "patches", (g * t * (d + p) + d * p) * elt
+    if mod.groups == 1 and g == 1 and work < _GROUPED_MAX_WORK:
+        return "grouped", 3 * d * p * elt  # oneDNN reorders its output: about three gradients' size
+    return "loop", 0
+
+
+def _patch_grads(mod: nn.Conv2d, a: torch.Tensor, gy: torch.Tensor, b: int, k: int) -> Iterator[torch.Tensor]:
+    """Per-example weight gradients, k examples per batched matmul: ∂L/∂y as [k, p, G·T] times the
+    padded input's patches as [k, G·T, d], a strided view copied once per slice."""
+    g = a.shape[0] // b
+    ph, pw = mod.padding
+    xp = (F.pad(a, (pw, pw, ph, ph)) if ph or pw else a).contiguous()
+    gy = gy.contiguous()
+    c, (kh, kw), (sh, sw), (dh, dw) = xp.shape[1], mod.kernel_size, mod.stride, mod.dilation
+    p, ho, wo = gy.shape[1:]
+    s0, s1, s2, s3 = xp.stride()
+    for i in range(0, b, k):
+        n = min(k, b - i)
+        view = xp[i * g : (i + n) * g].as_strided((n, c, kh, kw, g, ho, wo), (g * s0, s1, s2 * dh, s3 * dw, s0, s2 * sh, s3 * sw))
+        patches = view.reshape(n, c * kh * kw, g * ho * wo)
+        rows = gy[i * g : (i + n) * g].view(n, g, p, ho * wo).transpose(1, 2).reshape(n, p, g * ho * wo)
+        yield torch.bmm(rows, patches.transpose(1, 2)).view(n, *mod.weight.shape)
+
+
+def _per_example_conv(call: _Call, w: torch.Tensor, gy: torch.Tensor, b: int) -> Iterator[torch.Tensor]:
     """Per-example weight gradients of a convolution whose chunk holds b examples of G images each,
     yielded in consecutive chunks of examples ([k, *w.shape]) so that a caller after norms holds one.
 
-    With G = 1 and little work per example, grouped convolutions over k examples at a time (examples
-    as groups, inputs as views) replace b small calls. A weight gradient does not depend on the
-    weight: a broadcast zero stands in for k copies of it. Otherwise one call per example.
-    """
-    g = a.shape[0] // b
-    if g == 1 and mod.groups == 1 and gy[0].numel() * w[0].numel() < _GROUPED_MAX_WORK:
+    Grouped: examples as groups, inputs as views, k examples per call; a weight gradient does not
+    depend on the weight, so a broadcast zero stands in for k copies of it."""
+    mod, a, k = call.module, call.a, call.per_call
+    if call.forming == "patches":
+        yield from _patch_grads(mod, a, gy, b, k)
+    elif call.forming == "grouped":
         shapes_only = torch.zeros((), dtype=w.dtype, device=w.device).expand(k * w.shape[0], *w.shape[1:])
         for i in range(0, b, k):
             gy_i, a_i = gy[i : i + k].reshape(1, -1, *gy.shape[2:]), a[i : i + k].reshape(1, -1, *a.shape[2:])
             n = gy[i : i + k].shape[0]
             yield _conv_weight_grad(mod, shapes_only[: n * w.shape[0]], gy_i, a_i, n).view(n, *w.shape)
-        return
-    for i in range(b):
-        yield _conv_weight_grad(mod, w, gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g], mod.groups)[None]
+    else:
+        g = a.shape[0] // b
+        for i in range(b):
+            yield _conv_weight_grad(mod, w, gy[i * g : (i + 1) * g], a[i * g : (i + 1) * g], mod.groups)[None]
 
 
 def _padded_positions(mod: nn.Conv2d, out_hw: torch.Size) -> list[tuple[slice, slice]]:
@@ -288,8 +336,7 @@ def _conv_gram(mod: nn.Conv2d, a: torch.Tensor, b: int, out_hw: torch.Size) -> t
 def _conv2d(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
     """Conv2d, and WSConv2d through :class:`_Standardisation` (gradients are formed or ghosted for w' and
     mapped back). The ghost route of a WSConv2d needs the layer's output (for ⟨g, w'⟩)."""
-    mod, a, out, route = call.module, call.a, call.out, call.route
-    ws = _Standardisation(mod.weight) if isinstance(mod, WSConv2d) else None
+    mod, a, out, route, ws = call.module, call.a, call.out, call.route, call.ws
     w_eff = mod.weight.detach() if ws is None else ws.w_std.view_as(mod.weight)
     bias = gy.reshape(b, -1, gy.shape[1], gy[0, 0].numel()).sum((1, 3)) if mod.bias is not None else None
     sq = bias.pow(2).sum(1) if bias is not None else _zeros(b, gy)
@@ -307,7 +354,7 @@ def _conv2d(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finis
         per: list[torch.Tensor] = []
         # Per chunk only the reductions that need the gradients; the arithmetic on them runs once.
         norms, sums, dots = [], [], []
-        for chunk in _per_example_conv(mod, w_eff, a, gy, b, call.per_call):
+        for chunk in _per_example_conv(call, w_eff, gy, b):
             if ws is None:
                 norms.append(torch.linalg.vector_norm(chunk.flatten(1), dim=1))
             else:
@@ -343,7 +390,8 @@ def _group_norm(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _F
     mod, a = call.module, call.a
     n_img, c, groups = a.shape[0], a.shape[1], mod.num_groups
     hw, g = a[0, 0].numel(), n_img // b
-    _, mean, rstd = _aten.native_group_norm(a, None, None, n_img, c, hw, groups, mod.eps)
+    assert call.stats is not None
+    mean, rstd = call.stats
     mask = (False, True, True)
     if g == 1:
         _, gw, gb = _aten.native_group_norm_backward(
@@ -364,29 +412,35 @@ _RULES: dict[type[nn.Module], _Rule] = {nn.Linear: _linear, nn.Conv2d: _conv2d, 
 
 
 def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call:
-    """The route by cost alone ("ghost" or "keep"; the planner may turn "keep" into "norms")."""
+    """The route by cost alone ("ghost" or "keep"; the planner may turn "keep" into "norms"), and what
+    the rule reuses from the forward: a WSConv2d's w' and r, a GroupNorm's statistics."""
     kept = b * sum(p.numel() for p in mod.parameters(recurse=False)) * a.element_size()
+    if isinstance(mod, nn.GroupNorm):  # C-sized per-example gradients, always kept
+        node = out.grad_fn  # NativeGroupNormBackward0 saved the mean and rstd it normalised with
+        return _Call(mod, a, None, 0, 0, "keep", stats=(node._saved_result1, node._saved_result2))
     if isinstance(mod, nn.Linear):
         t, d, p = a.numel() // (b * mod.in_features), mod.in_features, mod.out_features
-        ghost_cost = t * t * (d + p)
-    elif isinstance(mod, nn.Conv2d):
-        t, d, p = out.shape[0] // b * out.shape[2] * out.shape[3], mod.weight[0].numel(), mod.out_channels
-        if mod.groups != 1:  # the Gram of a grouped convolution's input is per group: not done here
-            return _Call(mod, a, None, t, kept, "keep")
-        ghost_cost = min(_gram_costs(mod, a.shape, b, t)) + t * t * p  # see _conv_gram
-    else:  # GroupNorm: C-sized per-example gradients, always kept
-        return _Call(mod, a, None, 0, 0, "keep")
-    # Against materialising the T×d by T×p product: measured on CPU, the routes break even near
-    # 0.35 (a Gram multiply is slower, and the ghost route adds the weighted weight-gradient call);
-    # near it the ghost route is taken for the memory it saves.
-    ghost = ghost_cost < 0.4 * t * d * p
-    return _Call(mod, a, out.detach() if ghost and isinstance(mod, WSConv2d) else None, t, kept, "ghost" if ghost else "keep")
+        return _Call(mod, a, None, t, kept, "ghost" if _ghost_pays(t * t * (d + p), t * d * p) else "keep")
+    assert isinstance(mod, nn.Conv2d)
+    t, d, p = out.shape[0] // b * out.shape[2] * out.shape[3], mod.weight[0].numel(), mod.out_channels
+    forming, transient = _forming(mod, a.shape, out.shape, b)
+    ws = _Standardisation(out) if isinstance(mod, WSConv2d) else None
+    # The Gram of a grouped convolution's input is per group: no ghost route for it here.
+    ghost = mod.groups == 1 and _ghost_pays(min(_gram_costs(mod, a.shape, b, t)) + t * t * p, t * d * p)  # see _conv_gram
+    return _Call(mod, a, out.detach() if ghost and ws is not None else None, t, kept, "ghost" if ghost else "keep", forming, transient, ws=ws)
+
+
+def _ghost_pays(ghost_cost: int, materialise_cost: int) -> bool:
+    """Against materialising the T×d by T×p product: measured on CPU, the routes break even near 0.35
+    (a Gram multiply is slower, and the ghost route adds the weighted weight-gradient call); near it
+    the ghost route is taken for the memory it saves."""
+    return ghost_cost < 0.4 * materialise_cost
 
 
 def _plan(calls: list[_Call], b: int) -> None:
     """Keep per-example gradients, most rows first, while they fit in a budget: the bytes of the layers'
-    inputs, tensors autograd saves anyway. What is left of it caps the transient of a grouped
-    per-example convolution, about three times its gradients' size (oneDNN reorders its output)."""
+    inputs, tensors autograd saves anyway. What is left of it caps the transient of a slice of
+    per-example convolution gradients being formed (patches or a grouped call)."""
     budget = sum({c.a.data_ptr(): c.a.numel() * c.a.element_size() for c in calls}.values())
     for call in sorted((c for c in calls if c.route == "keep"), key=lambda c: -c.rows):
         if call.kept_bytes > budget:
@@ -394,8 +448,8 @@ def _plan(calls: list[_Call], b: int) -> None:
         else:
             budget -= call.kept_bytes
     for call in calls:
-        if call.kept_bytes:
-            call.per_call = max(1, min(b, budget * b // (3 * call.kept_bytes)))
+        if call.transient_bytes:
+            call.per_call = max(1, min(b, budget // call.transient_bytes))
 
 
 def _fast_layers(model: nn.Module) -> dict[nn.Module, str] | None:

@@ -79,13 +79,16 @@ class TinyCNN(nn.Module):
 
 class WSConv2d(nn.Conv2d):
     """A convolution with weight standardisation (zero mean, unit variance per output filter), which
-    lets GroupNorm networks train as well as BatchNorm ones (De et al. 2022)."""
+    lets GroupNorm networks train as well as BatchNorm ones (De et al. 2022). ``grads.clipped_sum_fast``
+    reads w' and the scale r from this forward's autograd nodes: keep it conv2d(x, (w − mean)·r)."""
+
+    eps = 1e-5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        return F.conv2d(x, (w - mean) * torch.rsqrt(var + 1e-5), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, (w - mean) * torch.rsqrt(var + self.eps), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _WideBlock(nn.Module):

@@ -17,14 +17,17 @@ from dpmix_ray.mix import SyntheticPool, build_groups
 from dpmix_ray.models import build_model
 
 CLASSES = 5
-ROUTES = ("auto", "keep", "norms", "ghost-pixels", "ghost-unfold")
+# route, or route/forming: how a convolution's per-example gradients are formed for keep and norms
+ROUTES = ("auto", "keep", "norms", "ghost-pixels", "ghost-unfold", "keep/loop", "norms/loop", "keep/grouped", "keep/patches")
 
 
 def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Linear/Conv2d layer takes ``route`` (a grouped convolution has no ghost route); a ghost
-    convolution forms its Gram from the padded input's pixels or by unfolding."""
+    convolution forms its Gram from the padded input's pixels or by unfolding. A forced forming
+    applies to ungrouped convolutions (grouped calls only where G = 1)."""
     if route == "auto":
         return
+    route, _, forming = route.partition("/")
     if route.startswith("ghost"):
         costs = (0, 1) if route == "ghost-pixels" else (1, 0)
         monkeypatch.setattr(G, "_gram_costs", lambda *a: costs)
@@ -34,11 +37,13 @@ def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
         call = original(mod, a, out, b)
         if call.rows and not (route == "ghost" and getattr(mod, "groups", 1) != 1):
             call.route, call.out = route, out.detach()
+        if forming and isinstance(mod, nn.Conv2d) and mod.groups == 1 and (forming != "grouped" or a.shape[0] == b):
+            call.forming, call.transient_bytes = forming, (0 if forming == "loop" else a[0].numel() * 8)
         return call
 
     def plan(calls, b, original=G._plan):
         forced = [c.route for c in calls]
-        original(calls, b)  # sizes the grouped convolutions; may turn "keep" into "norms"
+        original(calls, b)  # sizes the slices; may turn "keep" into "norms"
         for c, r in zip(calls, forced):
             c.route = r
 
@@ -108,12 +113,25 @@ def test_fast_clipped_sum_equals_microbatch_loop_and_vmap(name, seed, route, mon
         torch.testing.assert_close(losses, ref_losses, rtol=1e-13, atol=0)
 
 
-@pytest.mark.parametrize("route", ROUTES)
-def test_k1_takes_grouped_convolutions_in_slices_and_agrees(route, monkeypatch):
-    """G = 1 with little work per example: grouped calls over slices of the 7 examples, sized by the plan."""
-    force(route, monkeypatch)
-    calls = []
-    monkeypatch.setattr(G, "_conv_weight_grad", lambda *a, f=G._conv_weight_grad: calls.append(a[-1]) or f(*a))
+@pytest.mark.parametrize("forming", ["grouped", "patches"])
+def test_k1_forms_small_convolutions_in_slices_and_agrees(forming, monkeypatch):
+    """G = 1 with little work per example: grouped calls, or batched matmuls over patches, over slices of
+    the 7 examples whose size the plan sets from the memory budget."""
+    sizes = []
+
+    def record(mod, a, out, b, original=G._record):
+        call = original(mod, a, out, b)
+        if isinstance(mod, nn.Conv2d):
+            call.forming, call.transient_bytes = forming, a[0].numel() * 8
+        return call
+
+    def per_example_conv(call, w, gy, b, original=G._per_example_conv):
+        for chunk in original(call, w, gy, b):
+            sizes.append(chunk.shape[0])
+            yield chunk
+
+    monkeypatch.setattr(G, "_record", record)
+    monkeypatch.setattr(G, "_per_example_conv", per_example_conv)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(144, CLASSES)
@@ -123,8 +141,16 @@ def test_k1_takes_grouped_convolutions_in_slices_and_agrees(route, monkeypatch):
     ref, ref_norms = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.05)
     torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
-    if route in ("auto", "keep", "norms"):
-        assert any(1 < n < 7 for n in calls), calls
+    assert any(1 < n < 7 for n in sizes), sizes
+
+
+def test_forming_follows_the_work_per_example():
+    """Small per-example problems are batched (patches; grouped calls at G = 1), large ones loop."""
+    small, mid, large = nn.Conv2d(16, 32, 4, stride=2), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+    assert G._forming(small, torch.Size([64, 16, 13, 13]), torch.Size([64, 32, 5, 5]), 64)[0] == "patches"
+    assert G._forming(mid, torch.Size([64, 16, 28, 28]), torch.Size([64, 32, 28, 28]), 64)[0] == "grouped"
+    assert G._forming(mid, torch.Size([256, 16, 28, 28]), torch.Size([256, 32, 28, 28]), 64)[0] == "loop"
+    assert G._forming(large, torch.Size([8, 64, 32, 32]), torch.Size([8, 64, 32, 32]), 8)[0] == "loop"
 
 
 def test_clipped_sum_dispatch(monkeypatch):
