@@ -156,7 +156,7 @@ class _Standardisation:
         scale = conv.next_functions[1][0] if type(conv).__name__ == "ConvolutionBackward0" else None
         if type(scale).__name__ != "MulBackward0":
             raise RuntimeError("clipped_sum_fast: WSConv2d's forward no longer computes conv2d(x, (w − mean)·r)")
-        w_std, r = conv._saved_weight, scale._saved_other
+        w_std, r = conv._saved_weight.detach(), scale._saved_other.detach()  # not their graph: it holds w − mean
         self.n = w_std[0].numel()
         self.w_std = w_std.flatten(1)  # [filters, n]
         self.r = r.flatten(1)  # [filters, 1]
@@ -417,7 +417,7 @@ def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call
     kept = b * sum(p.numel() for p in mod.parameters(recurse=False)) * a.element_size()
     if isinstance(mod, nn.GroupNorm):  # C-sized per-example gradients, always kept
         node = out.grad_fn  # NativeGroupNormBackward0 saved the mean and rstd it normalised with
-        return _Call(mod, a, None, 0, 0, "keep", stats=(node._saved_result1, node._saved_result2))
+        return _Call(mod, a, None, 0, 0, "keep", stats=(node._saved_result1.detach(), node._saved_result2.detach()))
     if isinstance(mod, nn.Linear):
         t, d, p = a.numel() // (b * mod.in_features), mod.in_features, mod.out_features
         return _Call(mod, a, None, t, kept, "ghost" if _ghost_pays(t * t * (d + p), t * d * p) else "keep")
