@@ -261,10 +261,11 @@ def _patch_grads(mod: nn.Conv2d, a: torch.Tensor, gy: torch.Tensor, b: int, k: i
     c, (kh, kw), (sh, sw), (dh, dw) = xp.shape[1], mod.kernel_size, mod.stride, mod.dilation
     p, ho, wo = gy.shape[1:]
     s0, s1, s2, s3 = xp.stride()
+    buffer = xp.new_empty(min(k, b), c, kh, kw, g, ho, wo)  # one allocation for every slice's copy
     for i in range(0, b, k):
         n = min(k, b - i)
         view = xp[i * g : (i + n) * g].as_strided((n, c, kh, kw, g, ho, wo), (g * s0, s1, s2 * dh, s3 * dw, s0, s2 * sh, s3 * sw))
-        patches = view.reshape(n, c * kh * kw, g * ho * wo)
+        patches = buffer[:n].copy_(view).view(n, c * kh * kw, g * ho * wo)
         rows = gy[i * g : (i + n) * g].view(n, g, p, ho * wo).transpose(1, 2).reshape(n, p, g * ho * wo)
         yield torch.bmm(rows, patches.transpose(1, 2)).view(n, *mod.weight.shape)
 
