@@ -412,13 +412,22 @@ _Rule = Callable[[_Call, torch.Tensor, int], tuple[torch.Tensor, _Finish]]
 _RULES: dict[type[nn.Module], _Rule] = {nn.Linear: _linear, nn.Conv2d: _conv2d, WSConv2d: _conv2d, nn.GroupNorm: _group_norm}
 
 
+def _group_norm_stats(mod: nn.GroupNorm, a: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and rstd ([N, groups]) the forward normalised with: saved by its NativeGroupNormBackward0
+    node (detached: not its graph), or recomputed where torch's GroupNorm took another kernel."""
+    node = out.grad_fn
+    if type(node).__name__ == "NativeGroupNormBackward0":
+        return node._saved_result1.detach(), node._saved_result2.detach()
+    _, mean, rstd = _aten.native_group_norm(a, None, None, a.shape[0], a.shape[1], a[0, 0].numel(), mod.num_groups, mod.eps)
+    return mean, rstd
+
+
 def _record(mod: nn.Module, a: torch.Tensor, out: torch.Tensor, b: int) -> _Call:
     """The route by cost alone ("ghost" or "keep"; the planner may turn "keep" into "norms"), and what
     the rule reuses from the forward: a WSConv2d's w' and r, a GroupNorm's statistics."""
     kept = b * sum(p.numel() for p in mod.parameters(recurse=False)) * a.element_size()
     if isinstance(mod, nn.GroupNorm):  # C-sized per-example gradients, always kept
-        node = out.grad_fn  # NativeGroupNormBackward0 saved the mean and rstd it normalised with
-        return _Call(mod, a, None, 0, 0, "keep", stats=(node._saved_result1.detach(), node._saved_result2.detach()))
+        return _Call(mod, a, None, 0, 0, "keep", stats=_group_norm_stats(mod, a, out))
     if isinstance(mod, nn.Linear):
         t, d, p = a.numel() // (b * mod.in_features), mod.in_features, mod.out_features
         return _Call(mod, a, None, t, kept, "ghost" if _ghost_pays(t * t * (d + p), t * d * p) else "keep")

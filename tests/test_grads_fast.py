@@ -280,3 +280,16 @@ def test_fast_path_peak_memory_stays_near_the_nonprivate_step():
         step()
         peaks[variant] = peak_mb(step)
     assert peaks["fast"] <= 1.35 * peaks["nonprivate"], peaks
+
+
+def test_group_norm_statistics_come_from_the_forward_or_are_recomputed():
+    norm = nn.GroupNorm(4, 8).double()
+    a = torch.randn(3, 8, 5, 5, dtype=torch.float64)
+    out = norm(a)
+    saved = G._group_norm_stats(norm, a, out)
+    recomputed = G._group_norm_stats(norm, a, out * 1.0)  # another node: no saved statistics to read
+    flat = a.reshape(3, 4, -1)
+    for stats in (saved, recomputed):
+        assert not stats[0].requires_grad
+        torch.testing.assert_close(stats[0], flat.mean(-1), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(stats[1], (flat.var(-1, unbiased=False) + norm.eps).rsqrt(), rtol=1e-12, atol=0)
