@@ -127,7 +127,7 @@ _Finish = Callable[[torch.Tensor], Grads]
 _aten = torch.ops.aten
 # Per-example multiplies (G·T·d·p) of a convolution's weight gradient below which batched matmuls
 # over strided patches beat oneDNN calls, and (G = 1) below which grouped calls beat a loop (CPU, measured).
-_PATCHES_MAX_WORK = 2_000_000
+_PATCHES_MAX_WORK = 1_000_000
 _GROUPED_MAX_WORK = 1 << 22
 
 
