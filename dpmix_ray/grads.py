@@ -170,8 +170,9 @@ class _Standardisation:
 
     def pull_back(self, g: torch.Tensor) -> torch.Tensor:
         flat = g.flatten(1)
-        s, d = flat.sum(1, keepdim=True), (flat * self.w_std).sum(1, keepdim=True)
-        return (self.r * (flat - s / self.n - self.w_std * d / self.n)).view_as(g)
+        s, d = flat.sum(1, keepdim=True), torch.linalg.vecdot(flat, self.w_std).unsqueeze(1)
+        # r·(g − S/n − w'·D/n), with one weight-sized allocation
+        return (flat - s / self.n).addcmul_(self.w_std, d, value=-1 / self.n).mul_(self.r).view_as(g)
 
 
 def _weighted_sum(c: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
