@@ -13,8 +13,10 @@ Peak memory: the peak of live tensor bytes that torch allocates during one step,
 when the step starts (the profiler's allocation events, ``profile_memory=True``): the same
 accounting for every variant, in this process. The goal: fast ≤ 1.25× in time and ≤ 1.5× in memory.
 
-    .venv/bin/python bench/grad_step.py [--quick] [--models cnn_tiny,wrn16_4] [--ks 1,4,16] [--reps 5]
+    .venv/bin/python bench/grad_step.py [--quick] [--models cnn_tiny,wrn16_4] [--ks 1,4,16] [--reps 5] [--processes 3]
 
+With ``--processes N`` each row is measured in N fresh processes and reported as medians, with the
+time ratio's range: on this machine ratios move by about ±0.05 from one process to the next.
 Last line: one JSON object with ``rows``, ``worst_fast_ratio`` and ``worst_fast_mem_ratio``.
 """
 
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -103,6 +107,26 @@ def measure(name: str, b: int, channels: int, size: int, k: int, reps: int, cloc
     ]
 
 
+def in_processes(name: str, k: int, processes: int, argv: list[str]) -> list[dict]:
+    """One row measured in ``processes`` fresh processes; per variant the medians, and the spread of
+    the time ratio (it moves by about ±0.05 between processes on a quiet shared machine)."""
+    runs = []
+    for _ in range(processes):
+        cmd = [sys.executable, __file__, "--models", name, "--ks", str(k), *argv]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1])["rows"])
+    rows = []
+    for per_variant in zip(*runs):
+        ratios = [r["ratio"] for r in per_variant]
+        rows.append(per_variant[0] | {
+            "seconds": round(statistics.median(r["seconds"] for r in per_variant), 5),
+            "ratio": round(statistics.median(ratios), 3), "ratio_range": [min(ratios), max(ratios)],
+            "peak_mb": statistics.median(r["peak_mb"] for r in per_variant),
+            "mem_ratio": statistics.median(r["mem_ratio"] for r in per_variant),
+        })
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny batches and images, K ∈ {1, 2}, 1 round")
@@ -110,6 +134,7 @@ def main() -> None:
     ap.add_argument("--ks", default=None, help="comma-separated K values (default 1,4,16; quick 1,4)")
     ap.add_argument("--reps", type=int, default=None, help="timing rounds (default 5; quick 2)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=1, help="measure each row in this many fresh processes; report medians and the ratio's range")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -119,18 +144,22 @@ def main() -> None:
     reps = args.reps or (1 if args.quick else 5)
     clock = time.process_time if args.threads == 1 else time.perf_counter
     timing = "process CPU time, 1 thread" if args.threads == 1 else f"wall time, {args.threads} threads"
+    child_argv = ["--reps", str(reps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
 
     rows: list[dict] = []
-    print(f"{'model':9} {'B':>3} {'K':>3} {'variant':10} {'seconds':>9} {'ratio':>6} {'peak MiB':>9} {'mem ratio':>9}   ({timing}, median of {reps})")
+    where = f"median of {reps}" + (f"; median over {args.processes} processes (range)" if args.processes > 1 else "")
+    print(f"{'model':9} {'B':>3} {'K':>3} {'variant':10} {'seconds':>9} {'ratio':>6} {'peak MiB':>9} {'mem ratio':>9}   ({timing}, {where})")
     for name in models:
         b, channels, size = FULL[name] if name not in table else table[name]
         for k in ks:
-            for r in measure(name, b, channels, size, k, reps, clock):
+            measured = in_processes(name, k, args.processes, child_argv) if args.processes > 1 else measure(name, b, channels, size, k, reps, clock)
+            for r in measured:
                 rows.append(r)
-                print(f"{r['model']:9} {r['B']:>3} {r['K']:>3} {r['variant']:10} {r['seconds']:9.4f} {r['ratio']:6.2f} {r['peak_mb']:9.1f} {r['mem_ratio']:9.2f}", flush=True)
+                spread = f"  ({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f})" if "ratio_range" in r else ""
+                print(f"{r['model']:9} {r['B']:>3} {r['K']:>3} {r['variant']:10} {r['seconds']:9.4f} {r['ratio']:6.2f} {r['peak_mb']:9.1f} {r['mem_ratio']:9.2f}{spread}", flush=True)
     fast = [r for r in rows if r["variant"] == "fast"]
     print(json.dumps({
-        "rows": rows, "timing": timing, "reps": reps,
+        "rows": rows, "timing": timing, "reps": reps, "processes": args.processes,
         "worst_fast_ratio": max(r["ratio"] for r in fast), "worst_fast_mem_ratio": max(r["mem_ratio"] for r in fast),
     }))
 

@@ -260,6 +260,22 @@ def test_bench_quick_runs_and_reports():
     assert report["worst_fast_ratio"] > 0 and report["worst_fast_mem_ratio"] > 0
 
 
+def test_bench_in_fresh_processes_reports_medians_and_ranges():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "grad_step.py"), "--quick", "--models", "cnn_tiny", "--ks", "1", "--processes", "2"]
+    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root).stdout.strip().splitlines()[-1])
+    assert report["processes"] == 2 and [r["variant"] for r in report["rows"]] == ["nonprivate", "vmap", "fast"]
+    for r in report["rows"]:
+        low, high = r["ratio_range"]
+        assert 0 < low <= r["ratio"] <= high
+    assert report["worst_fast_ratio"] == report["rows"][-1]["ratio"]
+
+
 def test_fast_path_peak_memory_stays_near_the_nonprivate_step():
     """Profiled peak of live tensor bytes (deterministic, unlike time): the fast path on WRN-16-4 stays
     within 1.35× the non-private step. Holding a tensor read from the forward's autograd nodes together
