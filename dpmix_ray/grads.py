@@ -387,25 +387,19 @@ def _conv2d(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finis
 
 def _group_norm(call: _Call, gy: torch.Tensor, b: int) -> tuple[torch.Tensor, _Finish]:
     """Affine GroupNorm: per-example gradients are C-sized, so always kept. ATen's own GroupNorm backward
-    forms them (Σ g·x̂, Σ g per channel) without an x̂ tensor: with G = 1 in one call whose batch is the
-    b examples laid side by side as b·C channels (views); else one call per example."""
+    forms them (Σ g·x̂, Σ g per channel) without an x̂ tensor, in one call whose batch is all b·G images
+    laid side by side as b·G·C channels (views; each image keeps its own groups' statistics); each
+    example's gradient is then the sum over its G images."""
     mod, a = call.module, call.a
     n_img, c, groups = a.shape[0], a.shape[1], mod.num_groups
-    hw, g = a[0, 0].numel(), n_img // b
+    hw = a[0, 0].numel()
     assert call.stats is not None
     mean, rstd = call.stats
-    mask = (False, True, True)
-    if g == 1:
-        _, gw, gb = _aten.native_group_norm_backward(
-            gy.reshape(1, b * c, hw), a.reshape(1, b * c, hw), mean.view(1, -1), rstd.view(1, -1), None, 1, b * c, hw, b * groups, mask
-        )
-        gw, gb = gw.view(b, c), gb.view(b, c)
-    else:
-        parts = [
-            _aten.native_group_norm_backward(gy[s], a[s], mean[s], rstd[s], None, g, c, hw, groups, mask)[1:]
-            for s in (slice(i * g, (i + 1) * g) for i in range(b))
-        ]
-        gw, gb = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    _, gw, gb = _aten.native_group_norm_backward(
+        gy.reshape(1, n_img * c, hw), a.reshape(1, n_img * c, hw), mean.reshape(1, -1), rstd.reshape(1, -1), None,
+        1, n_img * c, hw, n_img * groups, (False, True, True),
+    )
+    gw, gb = gw.view(b, -1, c).sum(1), gb.view(b, -1, c).sum(1)
     return gw.pow(2).sum(1) + gb.pow(2).sum(1), lambda c_: {"weight": c_ @ gw, "bias": c_ @ gb}
 
 
