@@ -212,6 +212,50 @@ def test_interrupted_run_resumes_only_missing_shards(env: Path, two_workers: Pat
 
 
 @pytest.mark.slow
+def test_concurrent_generates_on_one_out_take_turns(env: Path, two_workers: Path, monkeypatch) -> None:
+    """Two generate() calls on one out (two trials, two shells): one makes the set while the other
+    waits on its lock, then reuses it. Ray is stood in for by copying the finished shards slowly."""
+    import threading
+    import time
+
+    asked: list[list[int]] = []
+
+    def slow_ray(spec, cfg, plan, shards, work, progress):
+        asked.append(list(shards))
+        time.sleep(0.5)  # long enough for the other call to reach the lock
+        for s in shards:
+            shutil.copy(two_workers / gen.shard_name(s), work / gen.shard_name(s))
+
+    monkeypatch.setattr(gen, "_run_ray", slow_ray)
+    results: list[Path | BaseException] = []
+
+    def call(out: Path) -> None:
+        try:
+            results.append(gen.generate(SynthConfig(**TINY, workers=2, out=str(out)), progress=False))
+        except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+            results.append(e)
+
+    held = env / "held"
+    with gen._exclusive(held, progress=False):  # while it is held, a call waits and starts nothing
+        waiting = threading.Thread(target=call, args=(held,))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not held.exists() and not asked
+    waiting.join(30)
+    assert results == [held] and asked == [[0, 1, 2]]
+
+    raced = env / "raced"
+    threads = [threading.Thread(target=call, args=(raced,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results[1:] == [raced, raced] and asked == [[0, 1, 2], [0, 1, 2]]  # made once, then reused
+    for out in (held, raced):
+        assert _files(out) == _files(two_workers) and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.slow
 def test_corrupt_set_is_refused_then_repaired(env: Path, two_workers: Path, monkeypatch) -> None:
     out = env / "repaired"
     shutil.copytree(two_workers, out)

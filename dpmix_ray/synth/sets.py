@@ -29,6 +29,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock, Timeout
 
 from dpmix_ray.config import SynthConfig, config_hash
 from dpmix_ray.data import CLASS_NAMES_KEY, ImageSet, images_to_table, read_labelled_images, table_to_images
@@ -321,12 +324,34 @@ def generate(cfg: SynthConfig, *, class_names: list[str] | None = None, progress
 
     ``class_names`` are the dataset's classes, used when ``synth.classes`` is not set. A set with the
     same config hash is reused without loading the model; a corrupt one is repaired (only its bad
-    shards are regenerated); an unfinished run is resumed.
+    shards are regenerated); an unfinished run is resumed. Calls on the same ``out`` run one at a time.
     """
     classes = _classes(cfg, class_names)
     key = set_key(cfg, classes)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(key)
     plan = Plan(tuple(classes), cfg.images_per_class, cfg.batch_size, cfg.seed)
+    with _exclusive(out, progress):
+        return _generate(cfg, key, out, plan, progress)
+
+
+@contextmanager
+def _exclusive(out: Path, progress: bool) -> Iterator[None]:
+    """One generate() per ``out`` at a time, across processes and threads (two trials, two shells): a
+    second waits, then finds the set published (and reuses it) or the first's work dir (and resumes)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.with_name(f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say(progress, f"waiting for another process generating {out}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _generate(cfg: SynthConfig, key: str, out: Path, plan: Plan, progress: bool) -> Path:
     repair: list[str] = []
     if out.exists():
         if not out.is_dir() or not (out / MANIFEST).is_file():
