@@ -246,29 +246,27 @@ def test_memory_probe_leaves_buffers_and_rng_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_bench_quick_runs_and_reports():
+def bench_report(*args: str) -> dict:
+    """Run bench/grad_step.py with ``args``; its last line, the JSON report."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "bench" / "grad_step.py"), "--quick"], capture_output=True, text=True, check=True, cwd=root)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, str(root / "bench" / "grad_step.py"), *args], capture_output=True, text=True, check=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_quick_runs_and_reports():
+    report = bench_report("--quick")
     assert {(r["model"], r["variant"]) for r in report["rows"]} == {(m, v) for m in ("cnn_tiny", "wrn16_4") for v in ("nonprivate", "vmap", "fast")}
     assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in report["rows"])
     assert report["worst_fast_ratio"] > 0 and report["worst_fast_mem_ratio"] > 0
 
 
 def test_bench_in_fresh_processes_reports_medians_and_ranges():
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "bench" / "grad_step.py"), "--quick", "--models", "cnn_tiny", "--ks", "1", "--processes", "2"]
-    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root).stdout.strip().splitlines()[-1])
+    report = bench_report("--quick", "--models", "cnn_tiny", "--ks", "1", "--processes", "2")
     assert report["processes"] == 2 and [r["variant"] for r in report["rows"]] == ["nonprivate", "vmap", "fast"]
     for r in report["rows"]:
         low, high = r["ratio_range"]
