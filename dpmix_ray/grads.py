@@ -493,6 +493,12 @@ def clipped_sum_fast(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     layers = _fast_layers(model)
     if layers is None:
         raise ValueError("clipped_sum_fast: the model has trainable parameters outside Linear/Conv2d/WSConv2d/GroupNorm layers")
+    return _clipped_sum_fast(model, layers, images, targets, clip_norm)
+
+
+def _clipped_sum_fast(
+    model: nn.Module, layers: dict[nn.Module, str], images: torch.Tensor, targets: torch.Tensor, clip_norm: float
+) -> tuple[Grads, torch.Tensor, torch.Tensor]:
     b = images.shape[0]
     calls: dict[nn.Module, _Call] = {}
     pieces: dict[nn.Module, tuple[torch.Tensor, _Finish]] = {}
@@ -584,8 +590,8 @@ def clipped_sum(
     ``per_example_fn=None`` takes :func:`clipped_sum_fast` when the model allows it, else vmap; a given
     ``per_example_fn`` (the microbatch reference, a test's stand-in) is followed by :func:`clip_and_sum`.
     """
-    if per_example_fn is None and supports_fast(model):
-        summed, _, losses = clipped_sum_fast(model, images, targets, clip_norm)
+    if per_example_fn is None and (layers := _fast_layers(model)) is not None:  # one layer scan per chunk
+        summed, _, losses = _clipped_sum_fast(model, layers, images, targets, clip_norm)
         return summed, losses
     per, losses = (per_example_fn or per_example_grads_vmap)(model, images, targets)
     return clip_and_sum(per, clip_norm)[0], losses
