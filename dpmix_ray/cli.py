@@ -82,12 +82,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from dpmix_ray.report import build_report
+    from dpmix_ray.sweep import state
 
     out = Path(args.dir)
     if not out.is_dir():
         raise ConfigError(f"{out}: no such sweep output directory")
     build_report(out)
-    print(out / "report.html")
+    print(f"released: {state.path(out, state.RELEASE)}  curator only: {state.path(out, state.CURATOR_REPORT)}")
 
 
 def cmd_check_cluster(args: argparse.Namespace) -> None:
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, help="output dir (default results/<sweep name>)")
     sw.set_defaults(fn=cmd_sweep)
 
-    r = sub.add_parser("report", help="rebuild tables, plot and report.html of a sweep output dir")
+    r = sub.add_parser("report", help="rebuild a sweep's release/ (table, plot, models) and curator/ report from its ledger")
     r.add_argument("dir")
     r.set_defaults(fn=cmd_report)
 

@@ -21,6 +21,7 @@ import pytest
 from dpmix_ray.config import SweepConfig, config_hash
 from dpmix_ray.errors import BudgetError, ConfigError
 from dpmix_ray.privacy import repeat_and_select_epsilon
+from dpmix_ray.sweep import budget as B
 from dpmix_ray.sweep import plan as P
 from dpmix_ray.sweep import state as S
 
@@ -120,29 +121,89 @@ def test_counts_are_fixed_for_per_trial_and_random_for_repeat_and_select() -> No
     assert len(set(counts)) > 3
 
 
-def test_repeat_and_select_calibration_meets_the_sweep_epsilon() -> None:
-    cfg = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=4, search__trials_shape=1.0)
-    group = P.build_groups(cfg)[0]
-    train_cfg = P.trial_config(cfg, group, {"optim.lr": 1.0}, 0)
-    tuned, figures = P.apply_tuning_privacy(cfg, group, train_cfg, n_train=1000)
-    assert figures.search_epsilon <= 2.0 * (1 + P.BUDGET_SLACK)
-    assert figures.trial_epsilon < 2.0  # each trial spends less so that the search meets ε
-    assert tuned.optim.epochs is None and tuned.privacy.noise_multiplier is not None
-    recomputed = repeat_and_select_epsilon(
-        noise_multiplier=tuned.privacy.noise_multiplier, sample_rate=32 / 1000, steps=math.ceil(1000 / 32),
-        delta=1e-4, mean_trials=4, shape=1.0,
-    )
-    assert recomputed == pytest.approx(figures.search_epsilon)
-    per_trial, same = P.apply_tuning_privacy(sweep(), group, train_cfg, n_train=1000)
-    assert per_trial is train_cfg and same.trial_epsilon == 2 and same.search_epsilon is None
+def test_repeat_and_select_plans_each_group_once_and_meets_its_epsilon() -> None:
+    cfg = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=4, search__trials_shape=1.0, baselines=["nonprivate"])
+    groups = P.build_groups(cfg)
+    plans = B.plan_groups(cfg, groups, n_train=1000)
+    assert set(plans) == {"dpmix_self@eps=2", "dpmix_self@eps=8", "nonprivate"}
+    for g in groups[:2]:
+        plan = plans[g.key]
+        q, steps = 32 / 1000, math.ceil(1000 / 32)
+        assert (plan.run.sample_rate, plan.run.steps, plan.n_train) == (q, steps, 1000)
+        assert plan.search_epsilon <= g.epsilon and plan.trial_epsilon < g.epsilon  # each trial spends less so the search meets ε
+        recomputed = repeat_and_select_epsilon(noise_multiplier=plan.run.noise_multiplier, sample_rate=q, steps=steps, delta=1e-4, mean_trials=4, shape=1.0)
+        assert recomputed == pytest.approx(plan.search_epsilon)
+        assert plan.run.epsilon_spent == plan.trial_epsilon
+    assert plans["nonprivate"].trial_epsilon is None and plans["nonprivate"].run.noise_multiplier == 0
+    assert B.plan_groups(sweep(), groups, n_train=1000) == {}  # per_trial: planned per suggested config
 
 
-def test_within_budget_assertion() -> None:
-    P.assert_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 1.99})
+def test_plans_survive_the_sweep_state_round_trip(tmp_path: Path) -> None:
+    cfg = sweep(tuning_privacy="repeat_and_select", baselines=["nonprivate"])
+    plans = B.plan_groups(cfg, P.build_groups(cfg), n_train=1000)
+    S.write_state(tmp_path, S.SweepState(name="t", config_hash="h", counts={}, storage_path="x", n_train=1000,
+                                         plans={k: p.as_dict() for k, p in plans.items()}))
+    stored = S.read_state(tmp_path).plans
+    assert {k: B.TrialPlan.from_dict(v) for k, v in stored.items()} == plans  # nonprivate's ε=∞ included
+
+
+def test_trial_specs_carry_the_driver_plan_or_the_refusal() -> None:
+    rs = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=3)
+    group = P.build_groups(rs)[0]
+    group_plan = B.plan_groups(rs, [group], n_train=1000)[group.key]
+    specs = [B.trial_spec(rs, group, phase="search", index=i, params={"optim.lr": lr}, group_plan=group_plan, synthetic=None)
+             for i, lr in enumerate((0.5, 3.0))]
+    assert [B.TrialPlan.from_dict(s["plan"]) for s in specs] == [group_plan, group_plan]  # one mechanism for the whole group
+    assert specs[1]["train"]["optim"]["lr"] == 3.0 and specs[1]["seed"] == rs.base.seed + 1 and specs[1]["refused"] is None
+
+    per_trial = sweep(space={"optim.batch_size": {"choice": [16, 64]}})
+    g = P.build_groups(per_trial)[0]
+    small, large = (B.trial_spec(per_trial, g, phase="search", index=0, params={"optim.batch_size": b}, group_plan=None, synthetic=None)
+                    for b in (16, 64))
+    n = B.training_size(per_trial.base.data)
+    assert small["plan"]["n_train"] == n and small["plan"]["run"]["sample_rate"] == pytest.approx(16 / n)
+    assert large["plan"]["run"]["sample_rate"] == pytest.approx(64 / n) and small["plan"]["trial_epsilon"] == 2
+
+    bad = B.trial_spec(per_trial, g, phase="search", index=0, params={"mix.aug_multiplicity": 1}, group_plan=None, synthetic=None)
+    assert bad["plan"] is None and "aug_multiplicity" in bad["refused"]
+    too_big = B.trial_spec(per_trial, g, phase="search", index=0, params={"optim.batch_size": 10**6}, group_plan=None, synthetic=None)
+    assert too_big["plan"] is None and "batch_size" in too_big["refused"]
+
+
+def test_infeasible_repeat_and_select_budget_is_refused_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    from dpmix_ray.cli import main
+    from dpmix_ray.sweep import run_sweep
+
+    cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[0.005], search__trials_per_epsilon=20)
+    with pytest.raises(BudgetError) as e:
+        run_sweep(cfg, out=tmp_path / "o", progress=False)
+    assert "\n" not in str(e.value)
+    yaml_path = tmp_path / "s.yaml"
+    yaml_path.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    assert main(["sweep", str(yaml_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "ε" in err
+    assert not (tmp_path / "o").exists() and not ray.is_initialized()
+
+
+def test_within_budget_check_survives_python_O() -> None:
+    B.check_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 1.99})
     with pytest.raises(BudgetError):
-        P.assert_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 2.01})
+        B.check_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 2.01})
     with pytest.raises(BudgetError):
-        P.assert_within_budget({"epsilon": 2.0, "search_epsilon": 2.5})
+        B.check_within_budget({"epsilon": 2.0, "search_epsilon": 2.5})
+    code = "from dpmix_ray.sweep.budget import check_within_budget as c; c({'trial_epsilon': 2.0, 'epsilon_spent': 2.01})"
+    done = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode != 0 and "BudgetError" in done.stderr
+
+
+def test_trial_keeps_only_the_documented_result_keys() -> None:
+    from dpmix_ray.sweep.trial import RESULT_KEYS, result_fields
+
+    kept = result_fields({"val_accuracy": 0.9, "test_accuracy": 0.8, "noise_seed": 1234, "sampler_state": b"x"})
+    assert set(kept) == set(RESULT_KEYS) and kept["test_accuracy"] == 0.8 and 1234 not in kept.values()
 
 
 # --------------------------------------------------------------------------- out dir and ledger
@@ -153,7 +214,7 @@ def test_out_dir_identity_and_resume_checks(tmp_path: Path) -> None:
     assert S.check_out_dir(tmp_path, cfg, resume=False) is None
     with pytest.raises(ConfigError, match="no sweep to resume"):
         S.check_out_dir(tmp_path, cfg, resume=True)
-    S.write_state(tmp_path, S.SweepState(name="t", config_hash=config_hash(cfg), counts={}, storage_path=str(tmp_path)))
+    S.write_state(tmp_path, S.SweepState(name="t", config_hash=config_hash(cfg), counts={}, storage_path=str(tmp_path), n_train=300))
     with pytest.raises(ConfigError, match="--resume"):
         S.check_out_dir(tmp_path, cfg, resume=False)
     assert S.check_out_dir(tmp_path, cfg, resume=True) is not None
@@ -168,7 +229,7 @@ def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: P
 
     for r in [rec(0, 0.5), rec(1, 0.9, "stopped"), rec(2, 0.7), rec(0, 0.7), rec(3, None, "pruned"), rec(0, 0.2, phase="final", test=0.99)]:
         S.append_record(tmp_path, r)
-    with (tmp_path / S.LEDGER_FILE).open("a") as f:
+    with S.path(tmp_path, S.LEDGER_FILE).open("a") as f:
         f.write('{"group": "g", "phase": "sea')  # torn by a kill
     records = S.read_records(tmp_path)
     assert len(records) == 5
@@ -181,12 +242,12 @@ def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: P
 
 
 def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None:
-    from dpmix_ray.sweep.driver import GroupedSearcher
+    from dpmix_ray.sweep.search import GroupedSearcher
 
     cfg = sweep(final__seeds=2)
     groups = P.build_groups(cfg)
     db = tmp_path / "optuna.db"
-    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db)
+    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db, plans={}, synthetic=None)
     a, b, c = s.suggest("a"), s.suggest("b"), s.suggest("c")
     assert [x["group"] for x in (a, b, c)] == ["dpmix_self@eps=2", "dpmix_self@eps=8", "dpmix_self@eps=2"]
     assert s.suggest("d") is None  # searches issued, none finished: no finals yet
@@ -195,12 +256,13 @@ def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None
     s.on_trial_complete("c", {"val_accuracy": None, "trial_status": "pruned"})
     final = s.suggest("e")
     assert final["phase"] == "final" and final["params"] == a["params"] and final["seed"] != a["seed"]
+    assert final["plan"]["trial_epsilon"] == 2 and final["train"]["seed"] == final["seed"]  # planned here, in the driver
     s.save(str(tmp_path / "ckpt.pkl"))
 
     # A kill after Optuna handed out a trial that Tune's last snapshot never saw:
     s.suggest("lost")  # the second eps=2 final (no study involved) ...
     orphan = optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").ask()  # ... and an orphan
-    restored = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db)
+    restored = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db, plans={}, synthetic=None)
     restored.restore(str(tmp_path / "ckpt.pkl"))
     states = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").trials}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
@@ -212,6 +274,18 @@ def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None
     assert restored.suggest("g") == "FINISHED"  # eps=8 had no completed trial: no finals for it
     eps2 = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=2", storage=f"sqlite:///{db}").trials}
     assert sorted(s.name for s in eps2.values()) == ["COMPLETE", "PRUNED"]
+
+
+def test_repeat_and_select_searcher_launches_every_trial_with_the_stored_group_plan(tmp_path: Path) -> None:
+    from dpmix_ray.sweep.search import GroupedSearcher
+
+    cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[2])
+    groups = P.build_groups(cfg)
+    stored = {k: B.TrialPlan.from_dict(p.as_dict()) for k, p in B.plan_groups(cfg, groups, n_train=240).items()}
+    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 3}, tmp_path / "optuna.db", plans=stored, synthetic=None)
+    issued = [s.suggest(t) for t in "abc"]
+    assert {json.dumps(c["plan"], sort_keys=True) for c in issued} == {json.dumps(stored["dpmix_self@eps=2"].as_dict(), sort_keys=True)}
+    assert len({c["params"]["optim.lr"] for c in issued}) == 3
 
 
 def test_bad_input_starts_nothing(tmp_path: Path) -> None:
@@ -348,7 +422,7 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
-    from dpmix_ray.sweep.driver import GroupedScheduler
+    from dpmix_ray.sweep.search import GroupedScheduler
 
     sched = GroupedScheduler(max_t=9)
 
