@@ -185,7 +185,7 @@ def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], n_train: int) -> bytes:
         if reruns:
             ax.errorbar(
                 [r["epsilon"] for r in reruns], [r["rerun_test_mean"] for r in reruns], yerr=[r["rerun_test_sd"] or 0.0 for r in reruns],
-                fmt="none", capsize=3, color=line[0].get_color(), alpha=0.5, label=f"{method}: re-runs, mean ± sd",
+                fmt="_", markersize=8, capsize=3, color=line[0].get_color(), alpha=0.5, label=f"{method}: re-runs, mean ± sd",
             )
     ax.set_xscale("log", base=2)
     ax.set_xticks(cfg.epsilons, [f"{e:g}" for e in cfg.epsilons])

@@ -314,7 +314,7 @@ def local_ray() -> Any:
 
 
 def _ledger_lines(out: Path) -> list[dict[str, Any]]:
-    p = out / S.LEDGER_FILE
+    p = S.path(out, S.LEDGER_FILE)
     return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
 
@@ -339,15 +339,73 @@ def test_two_epsilon_sweep_end_to_end_with_failed_and_pruned_trials(tmp_path: Pa
     for r in records:
         if r["status"] == "completed":
             assert r["epsilon_spent"] <= r["epsilon"]  # every trial reports ε_spent, within its ε
-    for name in ("best_per_epsilon.csv", "best_per_epsilon.json", "best_per_epsilon.md", "trials.parquet", "accuracy_vs_epsilon.png", "report.html", "optuna.db"):
-        assert (out / name).is_file(), name
-    studies = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+    for name in (f"{S.RELEASE_TABLE}.csv", f"{S.RELEASE_TABLE}.json", f"{S.RELEASE_TABLE}.md", S.RELEASE_PLOT, S.TRIALS_TABLE,
+                 S.CURATOR_REPORT, S.OPTUNA_FILE, S.released_model_name("dpmix_self@eps=2"), S.released_model_name("dpmix_self@eps=8")):
+        assert S.path(out, name).is_file(), name
+    db = f"sqlite:///{S.path(out, S.OPTUNA_FILE)}"
+    studies = optuna.get_all_study_summaries(db)
     assert sorted(s.study_name for s in studies) == ["dpmix_self@eps=2", "dpmix_self@eps=8"]
-    states = sorted(t.state.name for s in studies for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials)
+    states = sorted(t.state.name for s in studies for t in optuna.load_study(study_name=s.study_name, storage=db).trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
-    (out / "report.html").unlink()
+    assert all(len(S.list_files(out, S.model_dir(g))) == 1 for g in ("dpmix_self@eps=2", "dpmix_self@eps=8"))  # the best only
+    S.remove(out, S.CURATOR_REPORT)
     build_report(out)  # `dpmix-ray report DIR` rebuilds from the ledger alone
-    assert "ONE training run" in (out / "report.html").read_text()
+    assert "ONE training run" in S.read_text(out, S.CURATOR_REPORT)
+
+
+@pytest.mark.slow
+def test_repeat_and_select_releases_the_selected_trials_own_model_and_numbers(tmp_path: Path, local_ray: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real repeat_and_select sweep: every released number is the selected search trial's own, computed from the released
+    model, and every trial ran the one plan made before Ray started; the final re-run stays with the curator."""
+    import torch
+
+    import dpmix_ray.sweep.driver as D
+    from dpmix_ray.data import load_splits
+    from dpmix_ray.models import build_model
+    from dpmix_ray.sweep import run_sweep
+    from dpmix_ray.trainer import evaluate
+
+    # K ≥ 2 so that there is a selection (the draw of K itself is tested without Ray, above).
+    monkeypatch.setattr(D, "trial_counts", lambda cfg, groups, rng: {g.key: 3 for g in groups})
+    cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[4], space={"optim.lr": {"loguniform": [0.05, 2.0]}}, final__seeds=1)
+    out = run_sweep(cfg, out=tmp_path / "out", progress=False)
+
+    state = S.read_state(out)
+    plan = B.TrialPlan.from_dict(state.plans["dpmix_self@eps=4"])
+    assert plan.search_epsilon <= 4 and plan.trial_epsilon < 4 and plan.n_train == state.n_train
+    records = S.read_records(out)
+    assert [r["phase"] for r in records] == ["search"] * 3 + ["final"] and all(r["status"] == "completed" for r in records)
+    for r in records:  # one mechanism, planned once in the driver, for every trial
+        assert (r["noise_multiplier"], r["steps"], r["sample_rate"]) == (plan.run.noise_multiplier, plan.run.steps, plan.run.sample_rate)
+        assert r["trial_epsilon"] == plan.trial_epsilon and r["search_epsilon"] == plan.search_epsilon
+        assert r["test_accuracy"] is not None  # search trials evaluate test too ...
+    best = S.best_search_record(records)  # ... but selection reads validation accuracy only
+
+    doc = json.loads(S.read_text(out, f"{S.RELEASE_TABLE}.json"))
+    [row] = doc["rows"]
+    assert (row["val_accuracy"], row["test_accuracy"], row["hyperparameters"]) == (best["val_accuracy"], best["test_accuracy"], best["params"])
+    assert row["search_epsilon"] == plan.search_epsilon <= row["epsilon"] and "whole random search" in row["guarantee"]
+    assert not {"rerun_test_mean", "reruns", "trials_planned", "best_trial"} & set(row)  # the re-run is not covered: curator only
+    assert "re-runs: test mean" not in S.read_text(out, f"{S.RELEASE_TABLE}.md")
+
+    released = torch.load(S.path(out, f"{S.RELEASE}/{row['model']}"), weights_only=True)
+    assert released["guarantee"] == row["guarantee"] and released["private"]
+    train_cfg = SweepConfig.model_validate(cfg.model_dump()).base
+    splits = load_splits(train_cfg.data)
+    model = build_model(train_cfg.model, in_channels=splits.channels, num_classes=splits.num_classes, image_size=splits.image_size)
+    model.load_state_dict(released["state_dict"])
+    device = torch.device("cpu")
+    assert evaluate(model, splits.test, device) == row["test_accuracy"] and evaluate(model, splits.val, device) == row["val_accuracy"]
+    assert {p.name for p in out.iterdir()} == {S.RELEASE, S.CURATOR}
+    assert not [p for p in S.path(out, S.RELEASE).rglob("*") if p.suffix in (".jsonl", ".db", ".parquet", ".html")]
+
+    def no_replanning(*_: Any) -> None:
+        pytest.fail("re-planned on resume")
+
+    monkeypatch.setattr(D, "plan_groups", no_replanning)
+    monkeypatch.setattr(D, "training_size", no_replanning)
+    run_sweep(cfg, out=out, resume=True, progress=False)  # the stored plans, never new ones
+    assert S.read_state(out).plans == state.plans
 
 
 SUBPROCESS = """
@@ -387,8 +445,9 @@ def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, 
         assert {r["trial_id"] for r in again} == {trial_id}
         assert all(r["trial_seconds"] == again[0]["trial_seconds"] for r in again)
     assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c)  # + 1 final each
-    running = [t for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
-               for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials if t.state.name == "RUNNING"]
+    db = f"sqlite:///{S.path(out, S.OPTUNA_FILE)}"
+    running = [t for s in optuna.get_all_study_summaries(db) for t in optuna.load_study(study_name=s.study_name, storage=db).trials
+               if t.state.name == "RUNNING"]
     assert not running
 
 
@@ -405,7 +464,7 @@ def test_crashed_worker_is_retried_from_its_checkpoint(tmp_path: Path, local_ray
     pid = None
     deadline = time.time() + 300  # generous: a loaded 2-core machine starts Ray workers slowly
     while pid is None and time.time() < deadline:
-        for result in (out / S.TUNE_DIR).glob("*/*/result.json"):
+        for result in S.path(out, S.TUNE_DIR).glob("*/*/result.json"):
             lines = result.read_text().splitlines()
             if lines:
                 pid = json.loads(lines[0])["pid"]
@@ -475,6 +534,6 @@ def test_ray_client_mode_runs_the_sweep_on_the_head_and_copies_outputs_back(tmp_
     out = run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)
     assert out == tmp_path / "local"
     assert [r["status"] for r in S.read_records(out)] == ["completed"]
-    assert (out / "report.html").is_file() and (out / "best_per_epsilon.json").is_file()
+    assert S.path(out, S.CURATOR_REPORT).is_file() and S.path(out, f"{S.RELEASE_TABLE}.json").is_file()
     with pytest.raises(ConfigError, match="already holds"):  # the head's copy is the sweep's identity
         run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)
