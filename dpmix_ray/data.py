@@ -441,6 +441,11 @@ def _load_source(cfg: DataConfig) -> _Source:
     raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (choose from {choices})")
 
 
+def class_names_of(cfg: DataConfig) -> list[str]:
+    """A dataset's class names (its source loaded, not split): what a synth set made for it generates."""
+    return list(_load_source(cfg).class_names)
+
+
 # --------------------------------------------------------------------------- splitting
 
 
