@@ -412,7 +412,7 @@ def test_check_public_refuses_seen_and_unvouched_sets() -> None:
     for vouched in (False, True):  # the flag never overrides a recorded overlap
         with pytest.raises(ConfigError) as e:
             provenance.check_public(digits_ddpm, private="digits", is_public=vouched, where="s")
-        _one_line(e, "synth.model", "sklearn-digits", "data.name: digits")
+        _one_line(e, "mix.synthetic:", "sklearn-digits", "data.name: digits")
     provenance.check_public(digits_ddpm, private="mnist5k", is_public=False, where="s")
     for unknown in (None, provenance.Provenance(None)):
         with pytest.raises(ConfigError) as e:
@@ -483,9 +483,8 @@ def test_a_set_without_provenance_needs_synthetic_is_public(bare: Path, tmp_path
     from dpmix_ray.data import write_labelled_images
 
     write_labelled_images(tmp_path / "pub.npz", np.zeros((10, 1, 8, 8), np.uint8), np.arange(10), DIGITS)
-    args = ["data.name=digits", "data.limit=64", "method=dpmix_diff", "mix.aug_multiplicity=2", "mix.self_mix=1",
-            "mix.diff_mix=1", f"mix.synthetic={tmp_path / 'pub.npz'}", "optim.batch_size=32", "optim.epochs=0.5",
-            "privacy.delta=1e-3"]
+    args = ["data.name=digits", "method=dpmix_diff", "mix.aug_multiplicity=2", "mix.self_mix=1", "mix.diff_mix=1",
+            f"mix.synthetic={tmp_path / 'pub.npz'}", "optim.batch_size=64", "optim.epochs=0.1", "privacy.epsilon=8"]
     steps = []
     with pytest.raises(ConfigError) as e:
         trainer.train(load_train_config(None, args), progress=False, on_epoch=steps.append)

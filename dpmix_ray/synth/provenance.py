@@ -146,12 +146,12 @@ def of_model(cfg: SynthConfig, model_dir: Path | None) -> Provenance:
     return Provenance(tuple(sorted({n for _, names in parts for n in names})), tuple(src for src, _ in parts))
 
 
-def refuse_seen(prov: Provenance | None, *, private: str, where: str) -> None:
-    """ConfigError when ``prov`` records training data that holds the private dataset ``private``."""
+def refuse_seen(prov: Provenance | None, *, private: str, where: str, key: str = "synth.model") -> None:
+    """ConfigError, naming ``key``, when ``prov`` records training data that holds the private dataset."""
     seen = [n for n in (prov.trained_on or ()) if same_data(n, private)] if prov is not None else []
     if seen:
         raise ConfigError(
-            f"synth.model: {where} comes from a generator trained on {', '.join(seen)} (declared by "
+            f"{key}: {where} comes from a generator trained on {', '.join(seen)} (declared by "
             f"{', '.join(prov.declared_by)}), which holds the private data (data.name: {private}); mixing with it "
             "would leak that data: use a generator trained on other data"
         )
@@ -160,7 +160,7 @@ def refuse_seen(prov: Provenance | None, *, private: str, where: str) -> None:
 def check_public(prov: Provenance | None, *, private: str, is_public: bool, where: str) -> None:
     """Refuse a synthetic set whose generator saw ``private``, or whose provenance is unknown unless
     the user vouched for it with ``mix.synthetic_is_public``."""
-    refuse_seen(prov, private=private, where=where)
+    refuse_seen(prov, private=private, where=where, key="mix.synthetic")
     if (prov is None or prov.trained_on is None) and not is_public:
         raise ConfigError(
             f"mix.synthetic_is_public: {where} records no provenance (what its generator was trained on); set "

@@ -330,8 +330,8 @@ def generate(
 
     ``class_names`` are the dataset's classes, used when ``synth.classes`` is not set. ``private`` is
     its ``data.name``: a generator recorded as trained on it is refused (a built-in's or declared
-    record before any model is built, a model card's before any image is made, a reused set's from its
-    manifest). A set with the same config hash is reused without loading the model; a corrupt one is
+    record before any model is built, a model card's before anything is written, a reused set's from
+    its manifest). A set with the same config hash is reused without loading the model; a corrupt one is
     repaired (only its bad shards are regenerated); an unfinished run is resumed. Calls on the same
     ``out`` run one at a time.
     """
