@@ -72,10 +72,12 @@ class Provenance:
     @classmethod
     def from_json(cls, obj: object) -> Provenance | None:
         """A manifest's ``provenance`` block; None when it is absent or malformed (treated as unknown)."""
-        if not isinstance(obj, dict) or not _is_names(obj.get("trained_on", [])) or not _is_names(obj.get("declared_by", [])):
+        if not isinstance(obj, dict):
             return None
-        names = obj.get("trained_on")
-        return cls(None if names is None else tuple(names), tuple(obj.get("declared_by", [])))
+        names, by = obj.get("trained_on"), obj.get("declared_by") or []
+        if not (_is_names(names) and _is_names(by)):
+            return None
+        return cls(None if names is None else tuple(names), tuple(by))
 
 
 def _is_names(value: object) -> bool:
