@@ -197,13 +197,14 @@ def _needs_synthetic(cfg: SweepConfig, groups: list[Group]) -> bool:
 
 
 def _generate_synthetic(cfg: SweepConfig) -> str:
-    """Generated once per sweep, before any trial; its path is stored so a resume never regenerates it."""
-    from dpmix_ray.data import load_splits
-    from dpmix_ray.synth import generate
+    """Generated once per sweep, before any trial; its path is stored so a resume never regenerates it.
+
+    A generator that saw the private dataset, or a set with no provenance not vouched for as public, is refused here.
+    """
+    from dpmix_ray.synth import generate_for
 
     synth_cfg = cfg.synth or cfg.base.synth
-    names = synth_cfg.classes or load_splits(cfg.base.data).class_names
-    return str(generate(synth_cfg, class_names=names))
+    return str(generate_for(synth_cfg, cfg.base.data, synthetic_is_public=cfg.base.mix.synthetic_is_public))
 
 
 def _init_ray(address: str | None) -> bool:
