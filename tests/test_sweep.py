@@ -20,7 +20,7 @@ import pytest
 
 from dpmix_ray.config import SweepConfig, config_hash
 from dpmix_ray.errors import BudgetError, ConfigError
-from dpmix_ray.privacy import repeat_and_select_epsilon
+from dpmix_ray.privacy import plan_run, repeat_and_select_epsilon
 from dpmix_ray.sweep import budget as B
 from dpmix_ray.sweep import plan as P
 from dpmix_ray.sweep import state as S
@@ -168,6 +168,17 @@ def test_trial_specs_carry_the_driver_plan_or_the_refusal() -> None:
     assert bad["plan"] is None and "aug_multiplicity" in bad["refused"]
     too_big = B.trial_spec(per_trial, g, phase="search", index=0, params={"optim.batch_size": 10**6}, group_plan=None, synthetic=None)
     assert too_big["plan"] is None and "batch_size" in too_big["refused"]
+
+
+def test_per_trial_planning_calibrates_once_per_privacy_relevant_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(B, "_ONE_RUN_PLANS", {})
+    monkeypatch.setattr(B, "plan_run", lambda cfg, n: calls.append(cfg.optim.batch_size) or plan_run(cfg, n))
+    cfg = sweep(space={"optim.lr": {"loguniform": [0.5, 4.0]}, "optim.batch_size": {"choice": [16, 32]}})
+    g = P.build_groups(cfg)[0]
+    specs = [B.trial_spec(cfg, g, phase="search", index=i, params={"optim.lr": lr, "optim.batch_size": b}, group_plan=None, synthetic=None)
+             for i, (lr, b) in enumerate([(1.0, 16), (2.0, 16), (3.0, 32), (1.0, 32)])]
+    assert calls == [16, 32] and specs[0]["plan"] == specs[1]["plan"] != specs[2]["plan"]
 
 
 def test_infeasible_repeat_and_select_budget_is_refused_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ from dpmix_ray.sweep.plan import Group, count_shape, trial_config, trial_seed, u
 
 # A trial's ε_spent may exceed its target by float noise only.
 BUDGET_SLACK = 1e-9
+_ONE_RUN_PLANS: dict[tuple[str, int], Plan] = {}
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,16 @@ def plan_group(cfg: SweepConfig, group: Group, n_train: int) -> TrialPlan:
 
 
 def _one_run(train_cfg: TrainConfig, n_train: int) -> TrialPlan:
-    """A plan that spends the config's own ε on one run (BudgetError if it can't)."""
-    return TrialPlan(plan_run(train_cfg, n_train), n_train, train_cfg.privacy.epsilon if train_cfg.is_private else None)
+    """A plan that spends the config's own ε on one run (BudgetError if it can't).
+
+    Memoised on what ``plan_run`` reads (method, batch size, epochs, the privacy section, N): suggestions
+    that differ only in lr, mixing or seed share one calibration (≈ 0.7 s each on MNIST-5k, in the
+    driver's event loop). ``train`` re-checks every plan against its config either way.
+    """
+    key = (train_cfg.model_dump_json(include={"method": True, "optim": {"batch_size", "epochs"}, "privacy": True}), n_train)
+    if key not in _ONE_RUN_PLANS:
+        _ONE_RUN_PLANS[key] = plan_run(train_cfg, n_train)
+    return TrialPlan(_ONE_RUN_PLANS[key], n_train, train_cfg.privacy.epsilon if train_cfg.is_private else None)
 
 
 def plan_groups(cfg: SweepConfig, groups: list[Group], n_train: int) -> dict[str, TrialPlan]:
