@@ -259,7 +259,7 @@ def build_report(out_dir: Path) -> None:
     S.write_file(out, f"{S.RELEASE_TABLE}.json", json.dumps(S.clean({
         "sweep": cfg.name, "private": not claims.reproducible(cfg), "tuning_privacy": cfg.tuning_privacy, "privacy": statement,
         "finished": state.finished, "rows": public,
-    }), indent=1))
+    }), indent=1, ensure_ascii=False))
     release = _release_table(cfg, public)
     md = [f"# {cfg.name}: released recipe per ε", "", statement, "", *[n + "\n" for n in notes], _markdown(release), "",
           f"Model weights: `{S.RELEASE_MODELS}/` (each file holds its guarantee). Everything in `{S.CURATOR}/` is for the curator only.", ""]
