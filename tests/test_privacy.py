@@ -16,9 +16,9 @@ from dpmix_ray.privacy import (
     epsilon_spent,
     max_steps,
     plan_run,
-    poisson_sample,
     repeat_and_select_epsilon,
 )
+from dpmix_ray.mechanism import poisson_sample
 
 
 def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
