@@ -26,7 +26,7 @@ from dpmix_ray import mechanism as M
 from dpmix_ray.config import TrainConfig, check_against_dataset
 from dpmix_ray.data import ImageSet, Splits, load_splits
 from dpmix_ray.errors import DivergedError
-from dpmix_ray.mix import SyntheticPool, build_groups
+from dpmix_ray.mix import SyntheticPool, assemble, draw
 from dpmix_ray.models import assert_dp_compatible, build_model
 from dpmix_ray.privacy import Plan, check_plan, epsilon_spent, plan_run, private_run, run_guarantee
 
@@ -174,9 +174,9 @@ def fit(
         start_step, train_seconds = resume_state["step"], resume_state["seconds"]
 
     flip, padding = augmentation(cfg, splits)
-    mix_kwargs = dict(
-        num_classes=splits.num_classes, k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix, n=cfg.mix.diff_mix,
-        alpha=cfg.mix.alpha, padding=padding, flip=flip, synthetic=pool,
+    draw_kwargs = dict(
+        image_hw=(splits.train.x.shape[2], splits.train.x.shape[3]), k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix,
+        n=cfg.mix.diff_mix, alpha=cfg.mix.alpha, padding=padding, flip=flip, gen=augment, synthetic=pool,
         same_class=cfg.mix.diff_pairing == "same_class",
     )
     source = per_example_source(model, per_example_fn)
@@ -214,9 +214,12 @@ def fit(
                                     expected_batch_size=plan.sample_rate * n, generator=rand.noise)
         else:
             summed: M.Grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        labels = train_set.y[idx]
+        draws = draw(labels, **draw_kwargs)  # for the whole batch: chunking does not change the groups
         for lo in range(0, len(idx), chunk):
             sel = idx[lo : lo + chunk]
-            imgs, tgts = build_groups(train_set.x[sel], train_set.y[sel], gen=augment, **mix_kwargs)
+            imgs, tgts = assemble(train_set.x[sel], labels[lo : lo + chunk], draws[lo : lo + chunk],
+                                  num_classes=splits.num_classes, padding=padding, synthetic=pool)
             if cfg.is_private:
                 logical.add(source(imgs, tgts))
             else:

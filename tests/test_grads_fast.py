@@ -228,7 +228,7 @@ def test_a_layer_run_twice_is_refused():
 
 def test_trainer_default_is_the_fast_path_and_equals_the_loop():
     cfg = load_train_config(None, ["data.name=digits", "optim.batch_size=64", "optim.epochs=0.1", "mix.aug_multiplicity=2",
-                                   "mix.self_mix=1", "optim.lr=1.0", "privacy.epsilon=8"])
+                                   "mix.self_mix=1", "optim.lr=1.0", "privacy.epsilon=8", "privacy.reproducible=true"])
     splits = load_splits(cfg.data)
     fast = T.train(cfg, splits=splits, progress=False)
     loop = T.train(cfg, splits=splits, progress=False, per_example_fn=G.per_example_grads_loop)

@@ -3,17 +3,22 @@
 import pytest
 import torch
 
-from dpmix_ray.mix import SyntheticPool, build_groups, self_augment
+from dpmix_ray.mix import SyntheticPool, assemble, build_groups, draw
+
+
+def augs(x: torch.Tensor, k: int, padding: int, flip: bool, seed: int) -> torch.Tensor:
+    """K self-augmentations of each image (the first K images of its group)."""
+    return build_groups(x, torch.zeros(len(x), dtype=torch.long), num_classes=1, k=k, m=0, n=0, alpha=1.0, padding=padding,
+                        flip=flip, gen=torch.Generator().manual_seed(seed))[0]
 
 
 def test_self_augment_crops_are_shifted_copies_and_deterministic():
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
-    a = self_augment(x, 5, padding=0, flip=False, gen=torch.Generator().manual_seed(0))
+    a = augs(x, 5, padding=0, flip=False, seed=0)
     assert a.shape == (2, 5, 1, 6, 6)
     assert torch.equal(a, x[:, None].expand_as(a))  # no padding, no flip: identity
-    b1 = self_augment(x, 5, padding=2, flip=True, gen=torch.Generator().manual_seed(1))
-    b2 = self_augment(x, 5, padding=2, flip=True, gen=torch.Generator().manual_seed(1))
-    assert torch.equal(b1, b2)
+    b1 = augs(x, 5, padding=2, flip=True, seed=1)
+    assert torch.equal(b1, augs(x, 5, padding=2, flip=True, seed=1))
     # every crop is a window of the reflect-padded image (possibly flipped)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for bi in range(2):
@@ -21,6 +26,26 @@ def test_self_augment_crops_are_shifted_copies_and_deterministic():
             crop = b1[bi, ki, 0]
             windows = [padded[bi, 0, r : r + 6, c : c + 6] for r in range(5) for c in range(5)]
             assert any(torch.equal(crop, w) or torch.equal(crop, w.flip(-1)) for w in windows)
+
+
+def test_groups_do_not_depend_on_how_a_batch_is_chunked():
+    """Draws are made once per batch and sliced: building chunk by chunk gives the batch's groups."""
+    gen_x = torch.Generator().manual_seed(2)
+    x, y = torch.rand(7, 1, 8, 8, generator=gen_x), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    pool = SyntheticPool.from_tensors(torch.rand(6, 1, 8, 8, generator=gen_x), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    d = draw(y, image_hw=(8, 8), k=3, m=2, n=2, alpha=0.5, padding=2, flip=True, gen=torch.Generator().manual_seed(0),
+             synthetic=pool, same_class=True)
+    whole = assemble(x, y, d, num_classes=3, padding=2, synthetic=pool)
+    parts = [assemble(x[lo : lo + 3], y[lo : lo + 3], d[lo : lo + 3], num_classes=3, padding=2, synthetic=pool) for lo in range(0, 7, 3)]
+    for got, want in zip((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])), whole):
+        assert torch.equal(got, want)
+
+
+def test_same_class_pairing_refuses_a_pool_missing_a_class_whatever_the_batch():
+    pool = SyntheticPool.from_tensors(torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]), 3)
+    with pytest.raises(ValueError, match=r"no image of classes \[2\]"):
+        draw(torch.tensor([0, 1]), image_hw=(8, 8), k=1, m=0, n=1, alpha=1.0, padding=0, flip=False,
+             gen=torch.Generator(), synthetic=pool, same_class=True)
 
 
 def test_groups_shapes_labels_and_mixing():
