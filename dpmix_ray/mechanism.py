@@ -79,21 +79,27 @@ class LogicalStep:
     """
 
     def __init__(self, params: Mapping[str, torch.Tensor], *, clip_norm: float, noise_multiplier: float, expected_batch_size: float, generator: torch.Generator) -> None:
-        self._sum: Grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        self._params = params
+        self._sum: Grads | None = None  # the first chunk's clipped sum becomes the accumulator
         self._clip_norm, self._std, self._scale = clip_norm, noise_multiplier * clip_norm, expected_batch_size
         self._generator: torch.Generator | None = generator
 
     def add(self, source: PerExample) -> None:
         """Clip one chunk's examples and accumulate them (no noise yet)."""
-        for k, g in clipped_sum(source, self._clip_norm).items():
-            self._sum[k].add_(g)
+        part = clipped_sum(source, self._clip_norm)
+        if self._sum is None:
+            self._sum = part
+        else:
+            for k, g in part.items():
+                self._sum[k].add_(g)
 
     def release(self) -> Grads:
-        """The step's noisy mean; the step is spent afterwards."""
+        """The step's noisy mean (an empty batch releases noise alone); the step is spent afterwards."""
         if self._generator is None:
             raise RuntimeError("LogicalStep.release: a step's noise is drawn once; this step was already released")
-        noisy = add_noise(self._sum, self._std, self._generator)
-        self._generator = None
+        summed = self._sum if self._sum is not None else {k: torch.zeros_like(p) for k, p in self._params.items()}
+        noisy = add_noise(summed, self._std, self._generator)
+        self._generator, self._sum = None, None
         return {k: v.div_(self._scale) for k, v in noisy.items()}
 
 
