@@ -149,11 +149,12 @@ def test_trainer_noise_is_sigma_C_over_qN_once_per_step_on_poisson_batches(digit
     """≥ 2,000 steps of zero gradients, one example per physical chunk, C = 0.3, q·N = 4: each update
     coordinate is N(0, σ²C²/(qN)²) (a 99.9 % chi-square interval); batch sizes are Binomial(N, q);
     empty batches are noised too. Noise per chunk, σ instead of σC, noise halved, division by the
-    realised batch size, or fixed-size batches each fail it."""
+    realised batch size, or fixed-size batches each fail it. Reproducible mode: the draws, and so
+    the test's outcome, are fixed."""
     released = record_updates(monkeypatch, coordinates=100)
     cfg = load_train_config(None, [
         "data.name=digits", "method=dpsgd", "mix.aug_multiplicity=1", "mix.self_mix=0", "optim.batch_size=4", "optim.epochs=6.4",
-        "privacy.epsilon=8", "privacy.clip_norm=0.3", "optim.physical_batch_size=1", "optim.lr=1e-6",
+        "privacy.epsilon=8", "privacy.clip_norm=0.3", "optim.physical_batch_size=1", "optim.lr=1e-6", "privacy.reproducible=true",
     ])
     res = T.train(cfg, splits=digits, progress=False, per_example_fn=zero_gradients(released))
     assert res["steps"] >= 2000 and len(released.updates) == res["steps"]
