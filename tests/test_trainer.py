@@ -102,11 +102,11 @@ def test_divergence_is_reported(digits):
 def test_dpmix_diff_trains_on_a_labelled_npz_set(digits, tmp_path):
     from dpmix_ray.data import write_labelled_images
 
-    # A stand-in public set: blurred class means of digits (any labelled images of the right shape work).
-    x = torch.stack([digits.train.x[digits.train.y == c].mean(0) for c in range(10)]).repeat(3, 1, 1, 1)
+    # A stand-in public set that never saw digits: seeded noise images, three a class, vouched public.
+    x = torch.rand(30, *digits.train.x.shape[1:], generator=torch.Generator().manual_seed(0))
     write_labelled_images(tmp_path / "syn.npz", (x * 255).round().to(torch.uint8).numpy(), torch.arange(30).remainder(10).numpy(), digits.class_names)
     cfg = load_train_config(None, TINY + ["method=dpmix_diff", "mix.diff_mix=2", f"mix.synthetic={tmp_path / 'syn.npz'}",
-                                          "mix.diff_pairing=same_class", "optim.epochs=0.3"])
+                                          "mix.synthetic_is_public=true", "mix.diff_pairing=same_class", "optim.epochs=0.3"])
     res = T.train(cfg, splits=digits, progress=False)
     assert res["diff_mix"] == 2 and res["epsilon_spent"] <= cfg.privacy.epsilon
     # G = K + m + n = 2 + 1 + 2 images per example went through the model
