@@ -153,7 +153,7 @@ def test_trainer_noise_is_sigma_C_over_qN_once_per_step_on_poisson_batches(digit
     the test's outcome, are fixed."""
     released = record_updates(monkeypatch, coordinates=100)
     cfg = load_train_config(None, [
-        "data.name=digits", "method=dpsgd", "mix.aug_multiplicity=1", "mix.self_mix=0", "optim.batch_size=4", "optim.epochs=6.4",
+        "data.name=digits", "method=dpsgd", "mix.aug_multiplicity=1", "mix.self_mix=0", "optim.batch_size=4", f"optim.epochs={2010 * 4 / len(digits.train)}",
         "privacy.epsilon=8", "privacy.clip_norm=0.3", "optim.physical_batch_size=1", "optim.lr=1e-6", "privacy.reproducible=true",
     ])
     res = T.train(cfg, splits=digits, progress=False, per_example_fn=zero_gradients(released))
