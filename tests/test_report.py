@@ -151,11 +151,10 @@ def test_repeat_and_select_release_leaves_reruns_and_counts_to_the_curator(tmp_p
 def test_reproducible_sweep_says_not_private_in_every_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib.axes
 
-    monkeypatch.setattr(claims, "reproducible", lambda cfg: True)  # TEMP(mech): base.privacy.reproducible: true
     titles: list[str] = []
     set_title = matplotlib.axes.Axes.set_title
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, label, *a, **k: (titles.append(label), set_title(ax, label, *a, **k))[1])
-    _write_sweep(tmp_path, _records())
+    _write_sweep(tmp_path, _records(), base=BASE | {"privacy": {"reproducible": True}})
     build_report(tmp_path)
 
     doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))

@@ -18,7 +18,7 @@ HELD_OUT = "the validation and test splits are held-out data whose use is not pr
 
 def reproducible(cfg: SweepConfig) -> bool:
     """Whether the sweep's mechanism draws come from the public seed (research and tests only)."""
-    return bool(getattr(cfg.base.privacy, "reproducible", False))  # TEMP(mech): a plain attribute once PrivacyConfig.reproducible lands
+    return cfg.base.privacy.reproducible
 
 
 def is_private(cfg: SweepConfig, group: Group) -> bool:

@@ -30,10 +30,9 @@ from ray import tune
 from dpmix_ray.config import DataConfig, TrainConfig
 from dpmix_ray.data import Splits, load_splits
 from dpmix_ray.errors import BudgetError, ConfigError
-from dpmix_ray.sweep._until_mech import fit  # TEMP(mech): dpmix_ray.trainer.fit once mech merges
 from dpmix_ray.sweep.budget import TrialPlan, check_within_budget
 from dpmix_ray.sweep.plan import METRIC
-from dpmix_ray.trainer import EpochReport
+from dpmix_ray.trainer import EpochReport, fit
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
