@@ -190,7 +190,8 @@ class Mirror:
     def _upload(self, src: Path, rel: str) -> None:
         fs, path = self._target()
         dest = f"{path}/{rel}"
-        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+        if not is_uri(self.root):  # object stores have no directories (creating one writes a marker object)
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
         with tempfile.TemporaryDirectory() as tmp:
             if src.suffix in _SQLITE_SUFFIXES:
                 snap = Path(tmp) / src.name

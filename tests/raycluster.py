@@ -135,8 +135,8 @@ class LocalRayCluster:
         return node
 
     def start_head(self, *, num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None,
-                   args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> RayNode:
-        self.port = free_port()
+                   args: tuple[str, ...] = (), env: dict[str, str] | None = None, port: int | None = None) -> RayNode:
+        self.port = port or free_port()
         return self._start(["--head", f"--port={self.port}", "--include-dashboard=false", *args], head=True,
                            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or {}, env={**FAST_HEALTH_CHECKS, **(env or {})})
 
@@ -157,6 +157,18 @@ class LocalRayCluster:
 
     def alive(self) -> dict[str, Any]:
         return {nid: info for nid, info in self.node_infos().items() if info.state == 0}  # GcsNodeState.ALIVE
+
+    def actors(self) -> list[tuple[str, str, str]]:
+        """(class name, node id, actor id) of every actor the GCS remembers, dead ones included."""
+        from ray._private.services import _get_gcs_client_options
+        from ray._private.state import GlobalState
+
+        state = GlobalState()
+        state._initialize_global_state(_get_gcs_client_options(self.address))
+        try:
+            return [(a["ActorClassName"], a["Address"]["NodeID"], aid) for aid, a in state.actor_table(None).items()]
+        finally:
+            state.disconnect()
 
     def _alive_id(self, node: RayNode) -> str | None:
         if node.proc.poll() is not None:
