@@ -207,8 +207,9 @@ class Mirror:
                 f.write(data)
             fs.move(tmp_dest, dest)
 
-    def push(self, *, prune: bool = False) -> list[str]:
-        """Upload every local file that changed since the last push; returns their relative paths.
+    def push(self, *, only: tuple[str, ...] | None = None, prune: bool = False) -> list[str]:
+        """Upload every local file that changed since the last push (``only``: just these relative paths);
+        returns their relative paths.
 
         ``prune``: also delete mirrored files under root that are no longer on the local side (the
         end of a sweep, when the local dir is complete), so the layouts stay equal.
@@ -221,6 +222,8 @@ class Mirror:
                 if p.is_file() and not _skipped(rel):
                     local_files[rel] = p
         for rel, p in local_files.items():
+            if only is not None and rel not in only:
+                continue
             st = p.stat()
             key = (st.st_size, st.st_mtime_ns)
             if self._sent.get(rel) == key:
@@ -252,6 +255,39 @@ class Mirror:
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
             got.append(rel)
         return got
+
+
+# --------------------------------------------------------------------------- Tune's snapshot and checkpoints
+
+
+def upload_snapshot(staging: str | Path, fs: pafs.FileSystem, fs_path: str) -> list[str]:
+    """Tune's experiment snapshot (the top-level files of its driver staging dir: experiment state,
+    searcher state, tuner.pkl) uploaded now and synchronously, where Tune would upload it in the background."""
+    sent = []
+    for p in sorted(Path(staging).iterdir()):
+        if p.is_file() and p.suffix in (".json", ".pkl") and not p.name.startswith("tmp"):
+            with fs.open_output_stream(f"{fs_path}/{p.name}") as f:
+                f.write(p.read_bytes())
+            sent.append(p.name)
+    return sent
+
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def prune_checkpoints(fs: pafs.FileSystem, trial_fs_path: str, keep: str) -> list[str]:
+    """Delete a trial's ``checkpoint_NNNNNN`` dirs older than ``keep`` (the path of the one the uploaded
+    snapshot names); newer ones (uploaded by a worker, not yet registered) are left alone."""
+    keep_name = keep.rstrip("/").rsplit("/", 1)[-1]
+    if not keep_name.startswith(CHECKPOINT_PREFIX):
+        return []
+    deleted = []
+    for info in fs.get_file_info(pafs.FileSelector(trial_fs_path, allow_not_found=True)):
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX) and name < keep_name:
+            fs.delete_dir(info.path)
+            deleted.append(name)
+    return deleted
 
 
 def _local_state(out: Path) -> dict[str, Any] | None:

@@ -122,19 +122,20 @@ def _optuna_states(db: Path) -> list[str]:
 
 
 def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_path: Path, two_nodes: LocalRayCluster, s3: MotoS3) -> None:
-    cfg = sweep_yaml(tmp_path / "sweep.yaml", "mn")
+    cfg = sweep_yaml(tmp_path / "sweep.yaml", "mn", base=TINY_BASE | {"optim": {"batch_size": 32, "epochs": 2, "lr": 1.0}})
     out, storage, prefix = tmp_path / "head-disk" / "mn", f"s3://{s3.bucket}/sweeps", "sweeps/mn/"
     args = ["sweep", str(cfg), "--address", two_nodes.address, "--storage", storage, "--out", str(out)]
     env = _env(s3, tmp_path)
 
-    driver = _start(args, env, tmp_path / "driver1.log")
+    # Snapshots (and so mirror uploads) every second instead of Tune's adaptive >= 10 s: the kill lands mid-sweep.
+    driver = _start(args, env | {"TUNE_GLOBAL_CHECKPOINT_S": "1"}, tmp_path / "driver1.log")
     try:
-        wait_for("the first ledger record on S3", lambda: _ledger_lines(s3.read(prefix + S.LEDGER_FILE)), timeout=300)
+        wait_for("the first ledger record on S3", lambda: _ledger_lines(s3.read(prefix + S.LEDGER_FILE)), timeout=300, every=0.2)
     finally:
         kill_group(driver)  # the driver dies mid-sweep: no clean shutdown, nothing flushed
     before = {_slot(r): r for r in _ledger_lines(s3.read(prefix + S.LEDGER_FILE))}
     remote_state = json.loads(s3.read(prefix + S.STATE_FILE) or b"{}")
-    assert before and not remote_state["finished"]
+    assert before and not remote_state["finished"] and len(before) < 6  # 2 ε × (2 search + 1 final)
     assert not (out / S.TUNE_DIR).exists()  # Tune's experiment never touched the driver's disk
     shutil.rmtree(out.parent)  # a fresh driver: nothing on local disk
 
@@ -143,7 +144,7 @@ def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_pa
     lines = _ledger_lines((out / S.LEDGER_FILE).read_bytes())
     state, records = S.read_state(out), S.read_records(out)
     assert state.finished and state.resumes == 1 and S.sweep_complete(records, state.counts, 1)
-    assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c)  # + one final per ε
+    assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c) == 6  # + one final per ε
     for slot in {_slot(r) for r in lines}:  # nothing ran twice: each slot is one Tune trial, re-reported at most
         assert len({r["trial_id"] for r in lines if _slot(r) == slot}) == 1, slot
     for slot, r in before.items():  # finished before the kill: never trained again (same trial, same seconds)
@@ -156,13 +157,17 @@ def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_pa
 
     # the layout under S3 is the local layout; Tune's experiment and checkpoints are there only
     remote = s3.keys(prefix)
-    mirrored = {k[len(prefix):] for k in remote if not k.startswith(prefix + "tune/") and not k.endswith("/")}
-    assert not [k for k in remote if k.endswith("/") and not k.startswith(prefix + "tune/")]  # no directory markers of ours
+    mirrored = {k[len(prefix):] for k in remote if not k.startswith(prefix + "tune/") and not k.endswith("/")}  # "/": Tune's dir markers
     local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert mirrored == local and {"trials.jsonl", "optuna.db", "sweep_state.json", "report.html"} <= local
     assert s3.read(prefix + S.LEDGER_FILE) == (out / S.LEDGER_FILE).read_bytes()
     assert any(k.startswith(prefix + "tune/trials/experiment_state") for k in remote)
     assert any("/checkpoint_" in k for k in remote) and not (out / S.TUNE_DIR).exists()
+    kept: dict[str, set[str]] = {}  # trial dir -> checkpoints holding state: superseded ones were deleted
+    for k in remote:
+        if k.endswith("/state.pt"):
+            kept.setdefault(k.split("/")[-3], set()).add(k.split("/")[-2])
+    assert len(kept) == len(records) and all(len(c) == 1 for c in kept.values()), kept
 
     # optuna.db came back from S3 in step: no trial left RUNNING, one COMPLETE per completed search trial
     (tmp_path / "s3.db").write_bytes(s3.read(prefix + S.OPTUNA_FILE) or b"")
@@ -257,6 +262,7 @@ def test_fake_autoscaler_launches_gpu_workers_from_zero_and_removes_them_when_id
         launched = {nid: info for nid, info in cluster.node_infos().items() if nid != cluster.head.node_id}
         assert len(records) == 2 and all(r["status"] == "completed" for r in records)
         assert launched and {r["node_id"] for r in records} <= set(launched)  # trials ran on autoscaled workers
+        assert all(nid.startswith("f" * 51) for nid in launched)  # the fake provider's ids: launched by the autoscaler
         shapes = [{k: v for k, v in t["resources"].items() if k in ("CPU", "GPU")} for t in worker_types.values()]
         for info in launched.values():  # each launched node is one of the declared GPU worker types
             assert {k: v for k, v in info.resources_total.items() if k in ("CPU", "GPU")} in shapes

@@ -310,19 +310,38 @@ class SweepCallback(tune.Callback):
 
 
 class MirrorCallback(tune.Callback):
-    """Shared storage (:mod:`dpmix_ray.storage`): the out dir mirrored after every ledger write (this callback
-    comes after SweepCallback) and at every experiment snapshot, before Tune uploads it (``get_state``)."""
+    """Shared storage (:mod:`dpmix_ray.storage`): at every experiment snapshot, in this order, all synchronous:
+    optuna.db, Tune's snapshot (Tune would upload it in the background), superseded trial checkpoints
+    deleted, then the rest of the out dir (ledger last). So the storage never holds a snapshot naming a
+    deleted checkpoint, a searcher state newer than optuna.db, or a ledger record newer than the snapshot."""
 
     def __init__(self, mirror: shared.Mirror):
         self._mirror = mirror
+        self._trials: list[Any] = []
+        self._pruned: dict[str, str] = {}
 
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._mirror.push()
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_mirror": self._mirror, "_trials": [], "_pruned": {}}
 
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._mirror.push()
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._trials = trials
 
     def get_state(self) -> dict[str, Any] | None:
+        self._mirror.push(only=(OPTUNA_FILE,))
+        live = [t for t in self._trials if getattr(t, "storage", None) is not None]
+        if live:
+            tune_storage = live[0].storage  # a shallow copy of the experiment's: same syncer, same paths
+            try:
+                tune_storage.syncer.wait()  # Tune's own upload in flight would otherwise land after ours, older
+            except Exception as e:  # noqa: BLE001 - Tune logs and carries on in the same case
+                log.warning("waiting for Tune's snapshot upload: %s", e)
+            fs = tune_storage.storage_filesystem
+            shared.upload_snapshot(tune_storage.experiment_driver_staging_path, fs, tune_storage.experiment_fs_path)
+            for t in live:
+                ckpt = t.checkpoint
+                if ckpt is not None and self._pruned.get(t.trial_id) != ckpt.path:
+                    shared.prune_checkpoints(fs, t.storage.trial_fs_path, ckpt.path)
+                    self._pruned[t.trial_id] = ckpt.path
         self._mirror.push()
         return None
 
@@ -476,7 +495,9 @@ def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], 
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             # num_to_keep=1 also makes Tune snapshot the experiment after every trial checkpoint (each epoch and
             # each trial's end), so a kill loses at most the epoch in flight.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # With shared storage, MirrorCallback deletes superseded checkpoints itself, after the snapshot that no
+            # longer names them is uploaded (Tune deletes first and uploads in the background).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if mirror else 1),
             callbacks=[SweepCallback(out, total, progress), *([MirrorCallback(mirror)] if mirror else [])],
             verbose=0,
         ),
