@@ -195,6 +195,7 @@ class MotoS3:
     port: int = 0
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    _client: Any = None
 
     @property
     def endpoint(self) -> str:
@@ -228,8 +229,10 @@ class MotoS3:
     def client(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+        if self._client is None:  # creating a boto3 client takes ~0.5 s here: once
+            self._client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                             region_name="us-east-1")
+        return self._client
 
     def keys(self, prefix: str = "") -> dict[str, int]:
         """Every object under ``prefix`` -> its size."""
