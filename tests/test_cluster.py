@@ -157,3 +157,41 @@ def test_in_step_check_catches_a_drifted_cluster_yaml(edit: Callable[[dict[str, 
     aws = yaml.safe_load(CLUSTER.read_text())
     edit(aws)
     assert any(needle in d for d in _drift(aws, yaml.safe_load(FAKE.read_text())))
+
+
+# --------------------------------------------------------------------------- bench/gpu_check.py
+
+GPU_CHECK = CLUSTER.parent / "bench" / "gpu_check.py"
+
+
+def _gpu_check(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    import os
+    import subprocess
+    import sys
+
+    run_env = {**os.environ, "PYTHONPATH": str(CLUSTER.parent), **(env or {})}
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), *args], capture_output=True, text=True, env=run_env, timeout=300)
+    return proc.returncode, proc.stdout.strip().splitlines()
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0() -> None:
+    import json
+
+    rc, lines = _gpu_check(env={"CUDA_VISIBLE_DEVICES": ""})
+    assert rc == 0 and len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["gpu"] is None and "no CUDA device" in report["skipped"] and "grad_step" not in report
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_stage_on_cpu(tmp_path: Path) -> None:
+    """Every stage's code path and imports, on the CPU at toy sizes (the figures need a GPU)."""
+    import json
+
+    rc, lines = _gpu_check("--smoke", env={"DPMIX_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    report = json.loads(lines[-1])
+    assert rc == 0, report
+    assert [(r["B"], r["K"]) for r in report["grad_step"]["rows"]] == [(2, 1), (2, 2)]
+    assert all(r["time_ratio"] > 0 for r in report["grad_step"]["rows"])
+    assert report["train"]["steps"] > 0 and report["train"]["device"] == "cpu"
+    assert report["synth"]["images"] == [4, 3, 32, 32] and report["synth"]["unet_dtype"] == "torch.float32"  # fp16 on CUDA
