@@ -14,23 +14,28 @@ the local layout::
 ``$DPMIX_RAY_STORAGE_PATH``. An S3-compatible server (MinIO, moto, Ceph) is reached with the
 standard ``AWS_ENDPOINT_URL``, which pyarrow and so Ray read on every node.
 
-When the mirror uploads (all from the driver, all synchronous):
+When the mirror uploads: at every Tune experiment snapshot (Tune's periodic one, ``TUNE_GLOBAL_CHECKPOINT_S``,
+adaptive from 10 s, and the one at the end), from the driver's ``MirrorCallback``, synchronously and in
+this order, and once more at the end of the sweep:
 
-* after every ledger write (a trial finished) and at the end of the sweep;
-* at every Tune experiment snapshot, *before* Tune uploads it: Tune saves the snapshot (with the
-  pickled searcher) to its staging dir, then asks every callback for its state, then uploads the
-  staging dir in the background. The mirror uploads in that callback hook, so the ``optuna.db`` on
-  the storage is always at least as new as the searcher state in the snapshot next to it.
+1. ``optuna.db``, as a consistent copy (SQLite's online backup: SQLite cannot live on S3, and the raw
+   file may be mid-write). Tune has just saved the searcher state; the copy is at least as new.
+2. Tune's snapshot itself (experiment state, searcher state), which Tune would upload only in the
+   background, after waiting for Tune's upload in flight (an older one must not land after it).
+3. Superseded trial checkpoints deleted: those older than the one the uploaded snapshot names. With
+   shared storage Tune keeps every checkpoint (``num_to_keep=None``) because Ray 2.60 deletes the
+   previous checkpoint *before* its background upload of the snapshot that stops naming it: a driver
+   killed in between left a snapshot naming a deleted checkpoint, and the resumed sweep failed that
+   (already finished) trial three times (seen in tests/test_multinode.py).
+4. The rest of the out dir: ledger, state, report (changed files only).
 
-``optuna.db`` is SQLite, which cannot live on S3: it stays on the driver's disk and is uploaded as a
-consistent copy (SQLite's online backup, never the raw file mid-write). If the driver dies between
-two uploads, the storage holds a Tune snapshot S and an ``optuna.db`` at least as new as S (by the
-ordering above), and a ledger at least as new as S (a trial's record is written before the
-snapshot that marks it finished). A fresh driver resumes from that: trials Optuna handed out after S
-are marked FAIL in the study (Tune never saw them; their slots are issued again with the same
-index), trials S saw running are re-run from their last epoch checkpoint (or re-reported from their
-final checkpoint, not re-trained), and the ledger keeps one record per slot. What is lost is at most
-the epoch each running trial was in.
+So the storage always holds, if the driver dies at any point: a Tune snapshot S, every checkpoint S
+names, an ``optuna.db`` at least as new as S's searcher state, and a ledger no newer than S. A fresh
+driver (``--resume``, nothing on its disk) downloads the out dir and Tune restores S: trials S saw
+running are re-run from their last checkpoint named in S (or re-reported from their final
+checkpoint, not re-trained); trials Optuna handed out after S are marked FAIL in the study (Tune never
+saw them) and their slots are issued again with the same index; the ledger keeps one record per slot.
+What is lost: the work since S (at most one snapshot period) of the trials running at the kill.
 
 Nothing here imports Ray.
 """
