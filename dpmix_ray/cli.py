@@ -84,11 +84,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from dpmix_ray.report import build_report
-
     from dpmix_ray.storage import fetch_remote_sweep, is_uri
 
     if is_uri(args.dir):  # a sweep on shared storage (s3://…): fetched, rebuilt, the report uploaded back
-
         local, mirror = fetch_remote_sweep(args.dir)
         build_report(local)
         mirror.push()
