@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -81,6 +82,7 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str |
         "phase": config["phase"], "index": config["index"], "seed": config["seed"], "params": config["params"],
         "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "resumed_from_step": saved["train"]["step"] if saved else 0,
     }
+    record["node_id"] = ray.get_runtime_context().get_node_id()  # where this (possibly retried) run trained
 
     def seconds() -> float:
         return spent_before + time.perf_counter() - started
