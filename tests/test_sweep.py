@@ -234,6 +234,12 @@ def test_out_dir_identity_and_resume_checks(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_shared_storage_mirrors_this_layout() -> None:
+    from dpmix_ray import storage
+
+    assert (storage.TUNE_DIR, storage.STATE_FILE) == (S.TUNE_DIR, S.STATE_FILE)
+
+
 def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: Path) -> None:
     def rec(index: int, val: float | None, status: str = "completed", phase: str = "search", test: float | None = None) -> dict[str, Any]:
         return {"group": "g", "phase": phase, "index": index, "status": status, "val_accuracy": val, "test_accuracy": test}

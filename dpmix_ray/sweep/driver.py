@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 from ray import tune
 
+from dpmix_ray import storage as shared
 from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
@@ -38,6 +39,7 @@ from dpmix_ray.sweep.trial import MODEL_FILE, run_trial
 STORAGE_ENV = "DPMIX_RAY_STORAGE_PATH"
 # A crashed worker's trial is retried from its last epoch checkpoint this many times.
 MAX_RETRIES = 2
+log = logging.getLogger(__name__)
 
 
 def _ledger_record(trial: Any, status: str, reason: str) -> dict[str, Any]:
@@ -134,6 +136,54 @@ class SweepCallback(tune.Callback):
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class MirrorCallback(tune.Callback):
+    """Shared storage (:mod:`dpmix_ray.storage`): at every experiment snapshot, in this order, all synchronous:
+    optuna.db, Tune's snapshot (Tune would upload it in the background), superseded trial checkpoints
+    deleted, then the rest of the out dir (ledger last). So the storage never holds a snapshot naming a
+    deleted checkpoint, a searcher state newer than optuna.db, or a ledger record newer than the snapshot."""
+
+    def __init__(self, mirror: shared.Mirror):
+        self._mirror = mirror
+        self._trials: list[Any] = []
+        self._pruned: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_mirror": self._mirror, "_trials": [], "_pruned": {}}
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._trials = trials
+
+    def get_state(self) -> dict[str, Any] | None:
+        self._mirror.push(only=(S.OPTUNA_FILE,))
+        live = [t for t in self._trials if getattr(t, "storage", None) is not None]
+        if live:
+            tune_storage = live[0].storage  # a shallow copy of the experiment's: same syncer, same paths
+            try:
+                tune_storage.syncer.wait()  # Tune's own upload in flight would otherwise land after ours, older
+            except Exception as e:  # noqa: BLE001 - Tune logs and carries on in the same case
+                log.warning("waiting for Tune's snapshot upload: %s", e)
+            fs = tune_storage.storage_filesystem
+            shared.upload_snapshot(tune_storage.experiment_driver_staging_path, fs, tune_storage.experiment_fs_path)
+            for t in live:
+                ckpt = t.checkpoint
+                if ckpt is not None and self._pruned.get(t.trial_id) != ckpt.path:
+                    shared.prune_checkpoints(fs, t.storage.trial_fs_path, ckpt.path)
+                    self._pruned[t.trial_id] = ckpt.path
+        self._mirror.push()
+        return None
+
+
+def _shared_storage(cfg: SweepConfig, out: Path, resume: bool) -> shared.Mirror | None:
+    """``storage`` / $DPMIX_RAY_STORAGE_PATH given: the sweep's home there, fetched first on ``--resume``."""
+    base = shared.base_location(cfg.storage)
+    if base is None:
+        return None
+    mirror = shared.Mirror(out, shared.sweep_root(base, out))
+    shared.check_reachable(mirror.root)
+    shared.prepare_out(mirror, resume=resume)
+    return mirror
 
 
 def _trial_name(trial: Any) -> str:
@@ -248,7 +298,7 @@ def _tune_settings(pending: int) -> Iterator[None]:
         tune_log.setLevel(level)
 
 
-def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool) -> tune.Tuner:
+def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool, mirror: shared.Mirror | None = None) -> tune.Tuner:
     trainable = tune.with_resources(run_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     path = f"{state.storage_path.rstrip('/')}/{S.EXPERIMENT}"
     if tune.Tuner.can_restore(path):
@@ -273,16 +323,19 @@ def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group]
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             # num_to_keep=1 also makes Tune snapshot the experiment after every trial checkpoint (each epoch and
             # each trial's end), so a kill loses at most the epoch in flight.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[SweepCallback(out, total, progress)],
+            # With shared storage, MirrorCallback deletes superseded checkpoints itself, after the snapshot that no
+            # longer names them is uploaded (Tune deletes first and uploads in the background).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if mirror else 1),
+            callbacks=[SweepCallback(out, total, progress), *([MirrorCallback(mirror)] if mirror else [])],
             verbose=0,
         ),
     )
 
 
-def _sweep_on_head(cfg_json: str, out: str, resume: bool) -> dict[str, bytes]:
+def _sweep_on_head(cfg_json: str, out: str, resume: bool, storage: str | None = None) -> dict[str, bytes]:
     """Runs inside a Ray task on the head: the whole sweep, then its outputs (without Tune's files) as bytes."""
-    done = run_sweep(SweepConfig.model_validate_json(cfg_json), out=Path(out).expanduser(), resume=resume, address="auto", progress=False)
+    cfg = SweepConfig.model_validate_json(cfg_json).model_copy(update={"storage": storage})  # storage is not in the JSON
+    done = run_sweep(cfg, out=Path(out).expanduser(), resume=resume, address="auto", progress=False)
     files = (p.relative_to(done).as_posix() for p in done.rglob("*") if p.is_file())
     return {rel: S.path(done, rel).read_bytes() for rel in files if not rel.startswith(f"{S.TUNE_DIR}/")}
 
@@ -302,7 +355,7 @@ def run_on_head(cfg: SweepConfig, *, out: Path, resume: bool, address: str, prog
         head_out = out.as_posix() if out.is_absolute() else f"~/{out.as_posix()}"
         task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_sweep_on_head)
         try:
-            files = ray.get(task.remote(cfg.model_dump_json(), head_out, resume))
+            files = ray.get(task.remote(cfg.model_dump_json(), head_out, resume, cfg.storage))
         except RayTaskError as e:
             if isinstance(e.cause, DPMixError):
                 raise e.cause from None
@@ -330,7 +383,10 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
         return run_on_head(cfg, out=Path(out), resume=resume, address=address, progress=progress)
     out = Path(out).resolve()
     check_sweep(cfg)
+    mirror = _shared_storage(cfg, out, resume)
     state = S.check_out_dir(out, cfg, resume=resume)
+    if mirror is not None and state is not None and state.storage_path != mirror.tune_uri:
+        raise ConfigError(f"storage: this sweep's trials are stored at {state.storage_path}, not under {mirror.root}; resume it with the storage it started with")
     if address is None:
         _check_local_resources(cfg.resources)
     groups = build_groups(cfg)
@@ -340,7 +396,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     started = _init_ray(address)
     try:
         slots = _cluster_slots(cfg.resources)
-        storage = state.storage_path if state else os.environ.get(STORAGE_ENV) or str(S.path(out, S.TUNE_DIR))
+        storage = state.storage_path if state else mirror.tune_uri if mirror else str(S.path(out, S.TUNE_DIR))
         _check_storage(storage)
         if state is None:
             # The trial counts' randomness is part of the privacy mechanism: draw it from the OS, not the config seed.
@@ -357,7 +413,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             state.synthetic = _generate_synthetic(cfg)
             S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
-            _tuner(cfg, out, state, groups, progress).fit()
+            _tuner(cfg, out, state, groups, progress, mirror).fit()
     finally:
         if started:
             import ray
@@ -372,8 +428,12 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     from dpmix_ray.report import build_report, summary_table
 
     build_report(out)
+    if mirror is not None:
+        mirror.push(prune=True)
     if progress:
         print(summary_table(out))
+        if mirror is not None:
+            print(f"shared storage: {mirror.root}")
         if not state.finished:
             print(f"sweep interrupted: continue it with --resume (output in {out})")
     return out

@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -100,6 +101,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "trial_epsilon": plan.trial_epsilon if plan else None, "search_epsilon": plan.search_epsilon if plan else None,
         "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "resumed_from_step": state["train"]["step"] if state else 0,
     }
+    record["node_id"] = ray.get_runtime_context().get_node_id()  # where this (possibly retried) run trained
 
     def seconds() -> float:
         return spent_before + time.perf_counter() - started
