@@ -160,6 +160,7 @@ def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_pa
     mirrored = {k[len(prefix):] for k in remote if not k.startswith(f"{prefix}{S.TUNE_DIR}/") and not k.endswith("/")}  # "/": Tune's dir markers
     local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert mirrored == local and {S.LEDGER_FILE, S.OPTUNA_FILE, S.STATE_FILE, S.CURATOR_REPORT, f"{S.RELEASE_TABLE}.json"} <= local
+    assert {S.released_model_name(g) for g in state.counts} <= local  # the selected trials' weights, via their S3 checkpoints
     assert s3.read(prefix + S.LEDGER_FILE) == (out / S.LEDGER_FILE).read_bytes()
     assert any(k.startswith(f"{prefix}{S.TUNE_DIR}/trials/experiment_state") for k in remote)
     assert any("/checkpoint_" in k for k in remote) and not (out / S.TUNE_DIR).exists()
