@@ -85,18 +85,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from dpmix_ray.report import build_report
     from dpmix_ray.storage import fetch_remote_sweep, is_uri
+    from dpmix_ray.sweep import state
 
-    if is_uri(args.dir):  # a sweep on shared storage (s3://…): fetched, rebuilt, the report uploaded back
-        local, mirror = fetch_remote_sweep(args.dir)
-        build_report(local)
+    if is_uri(args.dir):  # a sweep on shared storage (s3://…): fetched, rebuilt, release/ and the report uploaded back
+        out, mirror = fetch_remote_sweep(args.dir)
+        build_report(out)
         mirror.push()
-        print(local / "report.html")
-        return
-    out = Path(args.dir)
-    if not out.is_dir():
-        raise ConfigError(f"{out}: no such sweep output directory")
-    build_report(out)
-    print(out / "report.html")
+    else:
+        out = Path(args.dir)
+        if not out.is_dir():
+            raise ConfigError(f"{out}: no such sweep output directory")
+        build_report(out)
+    print(f"released: {state.path(out, state.RELEASE)}  curator only: {state.path(out, state.CURATOR_REPORT)}")
 
 
 def cmd_check_cluster(args: argparse.Namespace) -> None:
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "URI/<out dir name> (default: the config's storage, else $DPMIX_RAY_STORAGE_PATH, else local)")
     sw.set_defaults(fn=cmd_sweep)
 
-    r = sub.add_parser("report", help="rebuild tables, plot and report.html of a sweep output dir (or s3://… sweep)")
+    r = sub.add_parser("report", help="rebuild a sweep's release/ (table, plot, models) and curator/ report from its ledger (a dir or an s3://… sweep)")
     r.add_argument("dir")
     r.set_defaults(fn=cmd_report)
 

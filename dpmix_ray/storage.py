@@ -7,8 +7,8 @@ written on the driver's local disk and mirrored to the same place, so the layout
 the local layout::
 
     <storage>/<out dir name>/             the sweep's home ("root" below)
-        sweep_state.json, sweep.yaml, trials.jsonl, optuna.db, report.html, …   (mirrored out dir)
-        tune/trials/…                     Tune's experiment and trial checkpoints (written there directly)
+        release/…, curator/sweep_state.json, curator/trials.jsonl, curator/optuna.db, …   (mirrored out dir)
+        curator/tune/trials/…             Tune's experiment and trial checkpoints (written there directly)
 
 ``<storage>`` is ``dpmix-ray sweep --storage URI``, else the sweep YAML's ``storage:``, else
 ``$DPMIX_RAY_STORAGE_PATH``. An S3-compatible server (MinIO, moto, Ceph) is reached with the
@@ -57,8 +57,10 @@ from dpmix_ray.errors import ConfigError
 
 STORAGE_ENV = "DPMIX_RAY_STORAGE_PATH"
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
-TUNE_DIR = "tune"  # = dpmix_ray.sweep.state.TUNE_DIR (not imported: this module stays free of the sweep package)
-STATE_FILE = "sweep_state.json"
+# = dpmix_ray.sweep.state.TUNE_DIR / STATE_FILE (not imported: this module stays free of the sweep package;
+# tests/test_sweep.py keeps them equal)
+TUNE_DIR = "curator/tune"
+STATE_FILE = "curator/sweep_state.json"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _SKIP_SUFFIXES = (".tmp", "-journal", "-wal", "-shm", ".lock")
 
@@ -110,7 +112,7 @@ def check_reachable(location: str) -> None:
 
 def _skipped(rel: str) -> bool:
     parts = rel.split("/")
-    return parts[0] == TUNE_DIR or rel.endswith(_SKIP_SUFFIXES) or any(p.startswith(".") for p in parts)
+    return rel.startswith(f"{TUNE_DIR}/") or rel.endswith(_SKIP_SUFFIXES) or any(p.startswith(".") for p in parts)
 
 
 def _sqlite_snapshot(src: Path, dst: Path) -> None:

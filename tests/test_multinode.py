@@ -157,11 +157,12 @@ def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_pa
 
     # the layout under S3 is the local layout; Tune's experiment and checkpoints are there only
     remote = s3.keys(prefix)
-    mirrored = {k[len(prefix):] for k in remote if not k.startswith(prefix + "tune/") and not k.endswith("/")}  # "/": Tune's dir markers
+    mirrored = {k[len(prefix):] for k in remote if not k.startswith(f"{prefix}{S.TUNE_DIR}/") and not k.endswith("/")}  # "/": Tune's dir markers
     local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert mirrored == local and {"trials.jsonl", "optuna.db", "sweep_state.json", "report.html"} <= local
+    assert mirrored == local and {S.LEDGER_FILE, S.OPTUNA_FILE, S.STATE_FILE, S.CURATOR_REPORT, f"{S.RELEASE_TABLE}.json"} <= local
+    assert {S.released_model_name(g) for g in state.counts} <= local  # the selected trials' weights, via their S3 checkpoints
     assert s3.read(prefix + S.LEDGER_FILE) == (out / S.LEDGER_FILE).read_bytes()
-    assert any(k.startswith(prefix + "tune/trials/experiment_state") for k in remote)
+    assert any(k.startswith(f"{prefix}{S.TUNE_DIR}/trials/experiment_state") for k in remote)
     assert any("/checkpoint_" in k for k in remote) and not (out / S.TUNE_DIR).exists()
     kept: dict[str, set[str]] = {}  # trial dir -> checkpoints holding state: superseded ones were deleted
     for k in remote:
@@ -176,10 +177,10 @@ def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_pa
     assert states.count("COMPLETE") == sum(1 for r in records if r["phase"] == "search" and r["status"] == "completed")
 
     # `dpmix-ray report s3://…` from anywhere: rebuilt from S3 and uploaded back
-    s3.client().delete_object(Bucket=s3.bucket, Key=prefix + "report.html")
+    s3.client().delete_object(Bucket=s3.bucket, Key=prefix + S.CURATOR_REPORT)
     printed = _run(["report", f"{storage}/mn"], _env(s3, tmp_path / "elsewhere"), tmp_path / "report.log", timeout=120)
-    html = Path(printed.strip().splitlines()[-1])
-    assert html.is_file() and html.read_bytes() == s3.read(prefix + "report.html")
+    html = Path(printed.strip().splitlines()[-1].split("curator only: ")[-1])
+    assert html.is_file() and html.read_bytes() == s3.read(prefix + S.CURATOR_REPORT)
     assert str(tmp_path / "elsewhere") in str(html)
 
 
@@ -214,7 +215,7 @@ def test_lost_worker_node_trial_resumes_from_its_epoch_checkpoint_on_a_new_node(
     driver = _start(["sweep", str(cfg), "--address", two_nodes.address, "--storage", f"s3://{s3.bucket}/sweeps", "--out", str(out)],
                     _env(s3, tmp_path), tmp_path / "driver.log")
     try:
-        saved = wait_for("a trial's first epoch checkpoint on S3", lambda: [k for k in s3.keys(prefix + "tune/") if k.endswith("/state.pt")], timeout=300)
+        saved = wait_for("a trial's first epoch checkpoint on S3", lambda: [k for k in s3.keys(f"{prefix}{S.TUNE_DIR}/") if k.endswith("/state.pt")], timeout=300)
         two_nodes.kill(old)  # SIGKILL to the worker node's process group: raylet, trial workers, all at once
         new = two_nodes.add_worker(num_cpus=2, num_gpus=1, resources={"dpmix_worker": 1})
         rc = driver.wait(timeout=400)

@@ -16,11 +16,11 @@ from dpmix_ray.errors import ConfigError
 
 def _sweep_dir(root: Path, *, resumes: int = 0, config_hash: str = "h1") -> Path:
     out = root / "mn"
-    (out / "tune" / "trials").mkdir(parents=True)
-    (out / "tune" / "trials" / "experiment_state.json").write_text("{}")  # Tune's own: never mirrored
+    (out / st.TUNE_DIR / "trials").mkdir(parents=True)
+    (out / st.TUNE_DIR / "trials" / "experiment_state.json").write_text("{}")  # Tune's own: never mirrored
     (out / "release").mkdir()
     (out / "release" / "best.md").write_text("best")
-    (out / "sweep_state.json").write_text(json.dumps({"name": "mn", "config_hash": config_hash, "resumes": resumes}))
+    (out / st.STATE_FILE).write_text(json.dumps({"name": "mn", "config_hash": config_hash, "resumes": resumes}))
     (out / "trials.jsonl").write_text('{"a": 1}\n')
     (out / "sweep_state.tmp").write_text("half")  # an atomic write in progress
     with sqlite3.connect(out / "optuna.db") as c:
@@ -46,12 +46,12 @@ def test_sweep_root_and_where_storage_comes_from(monkeypatch: pytest.MonkeyPatch
 def test_push_mirrors_the_out_dir_but_not_tune_and_only_what_changed(tmp_path: Path) -> None:
     out = _sweep_dir(tmp_path / "local")
     m = st.Mirror(out, str(tmp_path / "shared" / "mn"))
-    assert sorted(m.push()) == ["optuna.db", "release/best.md", "sweep_state.json", "trials.jsonl"]
+    assert sorted(m.push()) == [st.STATE_FILE, "optuna.db", "release/best.md", "trials.jsonl"]
     assert m.push() == []  # nothing changed
     (out / "trials.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
     assert m.push() == ["trials.jsonl"]
     remote = tmp_path / "shared" / "mn"
-    assert not (remote / "tune").exists() and not (remote / "sweep_state.tmp").exists()
+    assert not (remote / st.TUNE_DIR).exists() and not (remote / "sweep_state.tmp").exists()
     with sqlite3.connect(remote / "optuna.db") as c:  # a consistent SQLite copy, not the raw bytes
         assert c.execute("SELECT x FROM t").fetchall() == [(1,)]
     (out / "release" / "best.md").unlink()
@@ -65,7 +65,7 @@ def test_pull_into_an_empty_dir_gives_the_same_files(tmp_path: Path) -> None:
     st.Mirror(out, str(tmp_path / "shared" / "mn")).push()
     fresh = tmp_path / "b" / "mn"
     st.Mirror(fresh, str(tmp_path / "shared" / "mn")).pull()
-    expected = {k: v for k, v in _files(out).items() if not k.startswith("tune/") and not k.endswith(".tmp")}
+    expected = {k: v for k, v in _files(out).items() if not k.startswith(f"{st.TUNE_DIR}/") and not k.endswith(".tmp")}
     got = _files(fresh)
     assert set(got) == set(expected)
     assert {k: v for k, v in got.items() if k != "optuna.db"} == {k: v for k, v in expected.items() if k != "optuna.db"}
@@ -84,7 +84,7 @@ def test_prepare_out_refuses_clashes_and_fetches_what_a_resume_needs(tmp_path: P
 
     empty = st.Mirror(tmp_path / "fresh" / "mn", shared)
     st.prepare_out(empty, resume=True)  # nothing local: fetched
-    assert json.loads((tmp_path / "fresh" / "mn" / "sweep_state.json").read_text())["resumes"] == 1
+    assert json.loads((tmp_path / "fresh" / "mn" / st.STATE_FILE).read_text())["resumes"] == 1
 
     older = _sweep_dir(tmp_path / "older", resumes=0)
     (older / "trials.jsonl").write_text("stale\n")
