@@ -16,10 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dpmix_ray import methods
 from dpmix_ray.errors import ConfigError
-
-Method = Literal["nonprivate", "dpsgd", "augmult", "dpmix_self", "dpmix_diff"]
-PRIVATE_METHODS: tuple[str, ...] = ("dpsgd", "augmult", "dpmix_self", "dpmix_diff")
+from dpmix_ray.methods import MethodName
 
 
 class _Strict(BaseModel):
@@ -127,7 +126,7 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    method: Method = "dpmix_self"
+    method: MethodName = "dpmix_self"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     mix: MixConfig = MixConfig()
@@ -137,18 +136,24 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_counts(cls, data: Any) -> Any:
+        """A method implies the counts it fixes (dpsgd: K=1, m=n=0; augmult: m=n=0) where the config leaves them unset."""
+        method = data.get("method", cls.model_fields["method"].default) if isinstance(data, dict) else None
+        if not isinstance(method, str) or method not in methods.METHODS or not isinstance(data.get("mix", {}), dict):
+            return data  # the schema reports what is wrong
+        mix = dict(data.get("mix") or {})
+        for dotted, value in methods.get(method).fixed.items():
+            mix.setdefault(dotted.removeprefix("mix."), value)
+        return {**data, "mix": mix}
+
     @model_validator(mode="after")
     def _method_counts(self) -> "TrainConfig":
         k, m, n = self.mix.aug_multiplicity, self.mix.self_mix, self.mix.diff_mix
-        rules = {
-            "dpsgd": (k == 1 and m == 0 and n == 0, "method dpsgd needs mix.aug_multiplicity=1, mix.self_mix=0, mix.diff_mix=0 (use augmult for K>1)"),
-            "augmult": (m == 0 and n == 0, "method augmult needs mix.self_mix=0 and mix.diff_mix=0 (use dpmix_self / dpmix_diff)"),
-            "dpmix_self": (n == 0, "method dpmix_self needs mix.diff_mix=0 (use dpmix_diff)"),
-            "dpmix_diff": (n > 0, "method dpmix_diff needs mix.diff_mix >= 1"),
-        }
-        ok, msg = rules.get(self.method, (True, ""))
-        if not ok:
-            raise ValueError(msg)
+        problem = methods.get(self.method).problems({methods.K: k, methods.M: m, methods.N: n})
+        if problem is not None:
+            raise ValueError(problem)
         if m > 0 and k < 2:
             raise ValueError("mix.self_mix > 0 mixes two distinct self-augmentations: it needs mix.aug_multiplicity >= 2")
         if n > 0 and self.mix.synthetic is None:
@@ -168,7 +173,7 @@ class TrainConfig(_Strict):
 
     @property
     def is_private(self) -> bool:
-        return self.method != "nonprivate"
+        return methods.get(self.method).private
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -210,7 +215,7 @@ class SweepConfig(_Strict):
     tuning_privacy: Literal["per_trial", "repeat_and_select"] = "per_trial"
     resources: ResourcesConfig = ResourcesConfig()
     final: FinalConfig = FinalConfig()
-    baselines: list[Method] = Field(default_factory=list)
+    baselines: list[MethodName] = Field(default_factory=list)
     synth: SynthConfig | None = None
     # Where the sweep lives (dpmix_ray.storage): <storage>/<out dir name>. Not part of the sweep's identity
     # (excluded from dumps, so from config_hash and the stored sweep.yaml): `--storage` and

@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from dpmix_ray import methods
 from dpmix_ray.config import SweepConfig
 from dpmix_ray.sweep import claims
 from dpmix_ray.sweep import state as S
@@ -174,7 +175,7 @@ def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], n_train: int) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method and r["test_accuracy"] is not None]
-        if method == "nonprivate":
+        if not methods.get(method).private:
             if mine:
                 ax.axhline(mine[0]["test_accuracy"], color="grey", linestyle="--", label=f"nonprivate ({claims.NOT_PRIVATE})")
             continue

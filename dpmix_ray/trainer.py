@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from dpmix_ray import bookkeeping as BK
 from dpmix_ray import grads as G
 from dpmix_ray import mechanism as M
+from dpmix_ray import methods
 from dpmix_ray.config import TrainConfig, check_against_dataset
 from dpmix_ray.data import ImageSet, Splits, load_splits
 from dpmix_ray.errors import DivergedError
@@ -70,15 +71,13 @@ def examples_per_chunk(cfg: TrainConfig, model: nn.Module, image_shape: tuple[in
 
 
 def augmentation(cfg: TrainConfig, splits: Splits) -> tuple[bool, int]:
-    """(flip, crop padding) of the self-augmentations.
-
-    ``dpsgd`` is plain DP-SGD on the raw images, as in Opacus and the literature: one augmented view
-    without multiplicity only adds variance (De et al. 2022). Defaults: flips where the dataset allows
+    """(flip, crop padding) of the self-augmentations; none for a method that does not augment
+    (``dpsgd``: see :mod:`dpmix_ray.methods`). Defaults: flips where the dataset allows
     them; padding 4 px per 32 px for natural images, 1 px for digits, where shifts beyond a pixel
     change how a centred digit looks (measured on MNIST-5k at ε=2, dpmix_self val: 91.4 / 90.2 / 85.9%
     at 1 / 2 / 3 px).
     """
-    if cfg.method == "dpsgd":
+    if not methods.get(cfg.method).augments:  # [search: methods registry]
         return False, 0
     flip = cfg.mix.flip if cfg.mix.flip is not None else splits.hflip_safe
     if cfg.mix.crop_padding is not None:

@@ -39,7 +39,7 @@ def test_overrides_are_yaml_typed_and_dotted():
         (["mix.aug_multiplicity=0"], r"mix\.aug_multiplicity"),
         (["mix.colour=1"], r"mix\.colour: unknown key"),
         (["bogus=1"], r"bogus: unknown key"),
-        (["method=dpsgd"], r"method dpsgd needs mix\.aug_multiplicity=1"),
+        (["method=dpsgd", "mix.aug_multiplicity=4"], r"method dpsgd needs mix\.aug_multiplicity=1"),  # [search: implied counts]
         (["method=augmult", "mix.self_mix=2"], r"augmult needs mix\.self_mix=0"),
         (["method=dpmix_diff", "mix.diff_mix=2"], r"needs mix\.synthetic"),
         (["method=dpmix_diff", "mix.diff_mix=0"], r"dpmix_diff needs mix\.diff_mix >= 1"),

@@ -17,6 +17,7 @@ import optuna
 # here must follow the distribution that is accounted for.
 from dp_accounting.rdp.rdp_privacy_accountant import _gamma_truncated_negative_binomial
 
+from dpmix_ray import methods
 from dpmix_ray.config import SweepConfig, TrainConfig, with_updates
 from dpmix_ray.errors import ConfigError
 
@@ -24,21 +25,6 @@ METRIC = "val_accuracy"
 # Final re-runs of the chosen recipe use seeds far from the search trials' seeds.
 FINAL_SEED_OFFSET = 100_000
 
-# Counts and mixing knobs a method fixes; searching them for that method is meaningless or invalid.
-_METHOD_FIXED: dict[str, dict[str, Any]] = {
-    "nonprivate": {},
-    "dpsgd": {"mix.aug_multiplicity": 1, "mix.self_mix": 0, "mix.diff_mix": 0},
-    "augmult": {"mix.self_mix": 0, "mix.diff_mix": 0},
-    "dpmix_self": {"mix.diff_mix": 0},
-    "dpmix_diff": {},
-}
-_METHOD_IGNORES: dict[str, tuple[str, ...]] = {
-    "nonprivate": ("privacy.",),
-    "dpsgd": ("mix.aug_multiplicity", "mix.self_mix", "mix.diff_mix", "mix.alpha", "mix.synthetic", "mix.diff_pairing"),
-    "augmult": ("mix.self_mix", "mix.diff_mix", "mix.alpha", "mix.synthetic", "mix.diff_pairing"),
-    "dpmix_self": ("mix.diff_mix", "mix.synthetic", "mix.diff_pairing"),
-    "dpmix_diff": (),
-}
 # Set per experiment by the sweep itself, never searched.
 _NOT_SEARCHABLE = ("method", "seed", "privacy.epsilon", "privacy.delta", "privacy.accountant", "privacy.reproducible")
 # Under repeat_and_select every trial must run the same privacy mechanism (same q, T, σ): the
@@ -57,7 +43,8 @@ class Group:
 
     @property
     def fixed(self) -> dict[str, Any]:
-        return _METHOD_FIXED[self.method]
+        """The counts the group's method pins (applied over the base config, which may set others)."""
+        return dict(methods.get(self.method).fixed)
 
 
 def group_key(method: str, epsilon: float | None) -> str:
@@ -65,22 +52,22 @@ def group_key(method: str, epsilon: float | None) -> str:
 
 
 def _space_for(cfg: SweepConfig, method: str) -> dict[str, dict[str, list[Any]]]:
-    return {k: v for k, v in cfg.space.items() if not any(k.startswith(p) for p in _METHOD_IGNORES[method])}
+    return {k: v for k, v in cfg.space.items() if not methods.ignores(method, k)}
 
 
 def build_groups(cfg: SweepConfig) -> list[Group]:
     """The main method then each baseline, one group per ε (one group for ``nonprivate``)."""
-    methods = [cfg.base.method] + [m for m in cfg.baselines if m != cfg.base.method]
+    names = [cfg.base.method] + [m for m in cfg.baselines if m != cfg.base.method]
     groups: list[Group] = []
-    for method in dict.fromkeys(methods):
-        eps_list: list[float | None] = [None] if method == "nonprivate" else list(cfg.epsilons)
+    for method in dict.fromkeys(names):
+        eps_list: list[float | None] = list(cfg.epsilons) if methods.get(method).private else [None]
         groups += [Group(group_key(method, e), method, e, _space_for(cfg, method)) for e in eps_list]
     return groups
 
 
 def check_sweep(cfg: SweepConfig) -> None:
     """Refusals that need the whole sweep (the schema checks each field alone). Raises ConfigError."""
-    if cfg.base.method == "nonprivate":
+    if not methods.get(cfg.base.method).private:
         raise ConfigError("base.method: a sweep tunes a private method per ε; list nonprivate under baselines")
     for key in cfg.space:
         if key in _NOT_SEARCHABLE:
@@ -159,7 +146,7 @@ def trial_counts(cfg: SweepConfig, groups: list[Group], rng: np.random.Generator
     for g in groups:
         if not g.space:
             counts[g.key] = 1
-        elif cfg.tuning_privacy == "repeat_and_select" and g.method != "nonprivate":
+        elif cfg.tuning_privacy == "repeat_and_select" and methods.get(g.method).private:
             counts[g.key] = draw_trial_count(cfg.search.trials_per_epsilon, count_shape(cfg), rng)
         else:
             counts[g.key] = cfg.search.trials_per_epsilon
