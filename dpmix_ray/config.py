@@ -182,12 +182,32 @@ Distribution = dict[str, list[Any]]
 _DIST_KINDS = ("loguniform", "uniform", "int", "choice")
 
 
+class ProxyConfig(_Strict):
+    """Cheap proxy search trials (TAN): run the search at this batch size with σ scaled to keep σ/B and the step count."""
+
+    batch_size: int = Field(ge=1, description="the proxy trials' expected batch size B'; a trial whose batch is not larger runs at full size")
+
+
 class SearchConfig(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
     trials_per_epsilon: int = Field(24, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
     seed: int = 0
-    scheduler: Literal["asha"] | None = None
+    scheduler: Literal["asha", "fifo"] | None = Field(
+        None, description="asha: stop poor trials early, per ε; fifo or null: run every trial to its end"
+    )
+    grace: float = Field(
+        0.34, gt=0.0, le=1.0, description="ASHA's grace period: the fraction of a trial's steps before it can first be stopped"
+    )
+    warm_start: bool | None = Field(
+        None, description="start every study with the embedded/derived default recipe before any sampled point; "
+        "null = on, except under repeat_and_select (random search only)"
+    )
+    transfer: bool | None = Field(
+        None, description="hand each study its neighbouring ε's best recipe so far, moved by the transfer rule; "
+        "null = on, except under repeat_and_select"
+    )
+    proxy: ProxyConfig | None = Field(None, description="run search trials as cheap proxies (never released); null = full size")
     trials_shape: float | None = Field(
         None,
         ge=0.0,
@@ -234,14 +254,26 @@ class SweepConfig(_Strict):
     @classmethod
     def _space(cls, v: dict[str, Distribution]) -> dict[str, Distribution]:
         for key, dist in v.items():
-            _check_path(TrainConfig, key)
+            if key not in DP_SPACE_KEYS:
+                _check_path(TrainConfig, key)
             _check_distribution(key, dist)
-        if "privacy.noise_multiplier" in v and "optim.epochs" in v:
-            raise ValueError(
-                "space searches both privacy.noise_multiplier and optim.epochs: search at most one, "
-                "the planner derives the other"
-            )
+        for a, b, why in _EXCLUSIVE_SPACE_KEYS:
+            if a in v and b in v:
+                raise ValueError(f"space searches both {a} and {b}: {why}")
         return v
+
+
+# Search coordinates that are not config keys: the DP-aware parameterisation (dpmix_ray.sweep.space).
+DP_SPACE_KEYS: dict[str, str] = {
+    "dp.tau": "the noise's random walk per coordinate over a run, τ = lr·σC/B·√T: lr follows once σ is planned",
+    "dp.steps": "the number of logical steps T at the point's batch size (epochs = T·B/N)",
+}
+_EXCLUSIVE_SPACE_KEYS = (
+    ("privacy.noise_multiplier", "optim.epochs", "search at most one, the planner derives the other"),
+    ("privacy.noise_multiplier", "dp.steps", "search at most one, the planner derives the other"),
+    ("optim.epochs", "dp.steps", "give the run's length once"),
+    ("optim.lr", "dp.tau", "lr follows from τ once σ is planned; search one of them"),
+)
 
 
 def _check_path(model: type[BaseModel], dotted: str) -> None:

@@ -23,19 +23,19 @@ import pandas as pd
 
 from dpmix_ray import methods
 from dpmix_ray.config import SweepConfig
-from dpmix_ray.sweep import claims
+from dpmix_ray.sweep import claims, selection
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep.plan import Group, build_groups
 
 _TRIAL_COLUMNS = (
-    "trial_id", "group", "method", "epsilon", "delta", "phase", "index", "seed", "status", "reason", "val_accuracy",
+    "trial_id", "group", "method", "epsilon", "delta", "phase", "index", "seed", "proxy", "covers", "status", "reason", "score", "val_accuracy",
     "test_accuracy", "epsilon_spent", "trial_epsilon", "search_epsilon", "noise_multiplier", "sample_rate", "steps",
     "epochs", "accountant", "n_train", "private", "guarantee", "trial_seconds", "wall_seconds", "images_per_second", "retries", "resumed_from_step",
 )
 # What a released row holds: the selected trial's own results and data-independent plan figures. Never the
 # trial counts, other trials, timings or batch statistics (under repeat_and_select those are what ε does not cover).
 _RELEASED = (
-    "method", "epsilon", "delta", "private", "covers", "guarantee", "n_train", "hyperparameters", "val_accuracy",
+    "method", "epsilon", "delta", "private", "covers", "guarantee", "n_train", "hyperparameters", "released_run", "val_accuracy",
     "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs", "accountant", "trial_epsilon", "search_epsilon", "model",
 )
 _RERUNS = ("rerun_test_mean", "rerun_test_sd", "reruns")
@@ -56,6 +56,7 @@ def trials_frame(cfg: SweepConfig, records: list[dict[str, Any]]) -> pd.DataFram
         if g is not None:
             row["method"] = row["method"] or g.method
             row["epsilon"] = row["epsilon"] if row["epsilon"] is not None else g.epsilon
+            row["covers"] = claims.trial_covers(cfg, g, r)
         row |= {f"param.{k}": v for k, v in (r.get("params") or {}).items()}
         row["params"] = json.dumps(r.get("params") or {}, sort_keys=True)
         row["config"] = json.dumps(r.get("config")) if r.get("config") is not None else None
@@ -68,25 +69,33 @@ def trials_frame(cfg: SweepConfig, records: list[dict[str, Any]]) -> pd.DataFram
 
 
 def _row(cfg: SweepConfig, g: Group, records: list[dict[str, Any]], state: S.SweepState) -> dict[str, Any]:
-    """Every figure of one (method, ε): the released ones (:data:`_RELEASED`) and the curator's."""
+    """Every figure of one (method, ε): the released ones (:data:`_RELEASED`) and the curator's.
+
+    The recipe is the selected search trial's (:func:`selection.best`); the model and the numbers beside it are
+    the released run's (:func:`selection.released`: that trial, or the recipe's first full-size final run when a
+    proxy trial was selected)."""
     mine = [r for r in records if r["group"] == g.key]
     search = [r for r in mine if r["phase"] == "search"]
-    best = S.best_search_record(search) or {}
+    best = selection.best(mine) or {}
+    out = selection.released(mine) or {}
     tests = [r["test_accuracy"] for r in mine if r["phase"] == "final" and r["status"] == "completed" and r.get("test_accuracy") is not None]
-    n_train = best.get("n_train") or state.n_train
+    n_train = out.get("n_train") or state.n_train
     return {
         "group": g.key, "method": g.method, "epsilon": g.epsilon, "delta": cfg.delta if g.epsilon is not None else None,
         "private": claims.is_private(cfg, g), "covers": claims.label(cfg, g), "guarantee": claims.guarantee(cfg, g, n_train),
         "n_train": n_train, "hyperparameters": best.get("params"),
-        **{k: best.get(k) for k in ("val_accuracy", "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs",
-                                    "accountant", "trial_epsilon", "search_epsilon")},
+        "released_run": None if not out else ("selected search trial" if out["phase"] == "search" else f"final run {out['index']}"),
+        **{k: out.get(k) for k in ("val_accuracy", "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs",
+                                   "accountant", "trial_epsilon", "search_epsilon")},
         "model": None,
         "rerun_test_mean": statistics.fmean(tests) if tests else None,
         "rerun_test_sd": statistics.stdev(tests) if len(tests) > 1 else None,
         "reruns": len(tests),
         "trials_planned": state.counts.get(g.key),
         **{f"trials_{s}": sum(1 for r in search if r["status"] == s) for s in ("completed", "stopped", "pruned", "failed")},
-        "best_trial": best.get("index"), "config": best.get("config"),
+        "trials_proxy": sum(1 for r in search if r.get("proxy")),
+        "best_trial": best.get("index"), "best_score": best.get("score"),
+        "released_phase": out.get("phase"), "released_index": out.get("index"), "config": out.get("config"),
     }
 
 
@@ -96,12 +105,15 @@ def released(cfg: SweepConfig, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _release_model(out: Path, row: dict[str, Any]) -> str | None:
-    """Copy the selected trial's weights from curator/ to release/, with the guarantee inside the file."""
+    """Copy the released run's weights from curator/ to release/, with the guarantee inside the file."""
     import torch
 
-    if row["best_trial"] is None or not S.path(out, S.model_name(row["group"], row["best_trial"])).is_file():
+    if row["released_phase"] is None:
         return None
-    weights = torch.load(S.path(out, S.model_name(row["group"], row["best_trial"])), weights_only=True)["state_dict"]
+    kept = S.path(out, S.model_name(row["group"], row["released_phase"], row["released_index"]))
+    if not kept.is_file():
+        return None
+    weights = torch.load(kept, weights_only=True)["state_dict"]
     buf = io.BytesIO()
     torch.save({
         "state_dict": weights, "guarantee": row["guarantee"], "private": row["private"], "epsilon": row["epsilon"],
@@ -153,7 +165,9 @@ def _curator_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         "method": r["method"], "ε": _fmt(r["epsilon"]),
         "trials (completed/drawn)": f"{r['trials_completed']}/{r['trials_planned']}",
         "stopped / pruned / failed": f"{r['trials_stopped']} / {r['trials_pruned']} / {r['trials_failed']}",
-        "selected trial": _fmt(r["best_trial"]),
+        "proxy trials (not covered)": r["trials_proxy"],
+        "selected trial (score)": f"{_fmt(r['best_trial'])} ({_fmt(r['best_score'])})",
+        "released run": r["released_run"] or "–",
         "re-runs: test mean ± sd": _mean_sd(r["rerun_test_mean"], r["rerun_test_sd"], r["reruns"]),
     } for r in rows])
 
@@ -165,14 +179,26 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], n_train: int) -> bytes:
-    """Released rows only: each released model's test accuracy against ε (and, per_trial, the re-runs' mean ± sd)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], n_train: int) -> bytes:
+    """Released rows only: each released model's test accuracy against ε (and, per_trial, the re-runs' mean ± sd)."""
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.6), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method and r["test_accuracy"] is not None]
         if not methods.get(method).private:
@@ -197,11 +223,41 @@ def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], n_train: int) -> bytes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def best_so_far(records: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """One group's search as (cumulative trial seconds, best score so far), in the order its trials finished."""
+    done = sorted((r for r in records if r["phase"] == "search" and r.get("trial_seconds") is not None),
+                  key=lambda r: r.get("finished_at") or 0.0)
+    curve, spent, best = [], 0.0, None
+    for r in done:
+        spent += r["trial_seconds"]
+        if r["status"] == "completed" and r.get("score") is not None and (best is None or r["score"] > best):
+            best = r["score"]
+        if best is not None:
+            curve.append((spent, best))
+    return curve
+
+
+def _progress_plot(cfg: SweepConfig, records: list[dict[str, Any]]) -> bytes:
+    """Curator only: each private group's best selection score so far against the search's cumulative trial seconds."""
+    searched = [g for g in build_groups(cfg) if g.space]
+    names = list(dict.fromkeys(g.method for g in searched)) or [cfg.base.method]
+    fig, axes = _pyplot().subplots(1, len(names), figsize=(4.2 * len(names), 3.6), dpi=110, squeeze=False)
+    for ax, method in zip(axes[0], names):
+        for g in (g for g in searched if g.method == method):
+            curve = best_so_far([r for r in records if r["group"] == g.key])
+            if curve:
+                ax.step([c[0] for c in curve], [c[1] for c in curve], where="post", marker=".", label=f"ε={g.epsilon:g}")
+        title = f"{method}: best score so far"
+        ax.set_title(f"{claims.NOT_PRIVATE}: {title}" if claims.reproducible(cfg) else title, fontsize=9)
+        ax.set_xlabel("cumulative search trial seconds", fontsize=8)
+        ax.set_ylabel("selection score (validation)", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def _file_guide() -> str:
@@ -209,9 +265,9 @@ def _file_guide() -> str:
 
 
 def _html(cfg: SweepConfig, statement: str, release: pd.DataFrame, curator: pd.DataFrame, trials: pd.DataFrame, plot: bytes,
-          out: Path, notes: list[str]) -> str:
-    img = base64.b64encode(plot).decode()
-    shown = [c for c in ("group", "phase", "index", "status", "reason", "val_accuracy", "test_accuracy", "epsilon_spent",
+          progress: bytes, out: Path, notes: list[str]) -> str:
+    img, curve = base64.b64encode(plot).decode(), base64.b64encode(progress).decode()
+    shown = [c for c in ("group", "phase", "index", "covers", "status", "reason", "score", "val_accuracy", "test_accuracy", "epsilon_spent",
                          "trial_epsilon", "search_epsilon", "noise_multiplier", "steps", "trial_seconds", "params") if c in trials]
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;font-size:.85em}"
@@ -233,6 +289,8 @@ def _html(cfg: SweepConfig, statement: str, release: pd.DataFrame, curator: pd.D
         + f"<p><img alt='released test accuracy vs epsilon' src='data:image/png;base64,{img}'></p>"
         + "<h2>Curator only: counts, selected trial, re-runs</h2>"
         + curator.to_html(index=False, escape=True, na_rep="–")
+        + "<h2>Curator only: the search, best score so far</h2>"
+        + f"<p><img alt='best selection score so far vs search seconds' src='data:image/png;base64,{curve}'></p>"
         + "<h2>Curator only: all trials</h2>"
         + trials[shown].to_html(index=False, escape=True, na_rep="–", float_format=lambda v: f"{v:.4g}")
         + f"<h2>Sweep config</h2><pre>{html.escape(S.read_text(out, S.CONFIG_FILE))}</pre>"
@@ -270,7 +328,8 @@ def build_report(out_dir: Path) -> None:
 
     trials = trials_frame(cfg, records)
     S.write_file(out, S.TRIALS_TABLE, trials.to_parquet(index=False))
-    S.write_file(out, S.CURATOR_REPORT, _html(cfg, statement, release, _curator_table(rows), trials, plot, out, notes))
+    S.write_file(out, S.CURATOR_REPORT, _html(cfg, statement, release, _curator_table(rows), trials, plot,
+                                                  _progress_plot(cfg, records), out, notes))
 
 
 def summary_table(out_dir: Path) -> str:

@@ -32,13 +32,13 @@ def _write_sweep(out: Path, records: list[dict[str, Any]], finished: bool = True
     S.write_state(out, S.SweepState(name="rep", config_hash=config_hash(cfg), counts=counts, storage_path=str(out), n_train=N_TRAIN, finished=finished))
     for r in records:
         S.append_record(out, r)
-        if r["phase"] == "search" and r["status"] == "completed":  # as the driver's callback keeps them (all, here)
+        if r["status"] == "completed" and not r.get("proxy"):  # as the driver's callback keeps candidates (all, here)
             _write_model(out, r)
     return cfg
 
 
 def _write_model(out: Path, record: dict[str, Any]) -> None:
-    path = S.path(out, S.model_name(record["group"], record["index"]))
+    path = S.path(out, S.model_name(record["group"], record["phase"], record["index"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {"w": torch.tensor([record["val_accuracy"]])}}, path)
 
@@ -48,7 +48,8 @@ def _rec(group: str, phase: str, index: int, status: str, val: float | None, **e
     return {
         "trial_id": f"{group}-{phase}{index}", "group": group, "method": method, "epsilon": float(eps) if eps else None,
         "delta": 1e-5 if eps else None, "phase": phase, "index": index, "status": status, "reason": extra.pop("reason", None),
-        "val_accuracy": val, "params": extra.pop("params", {"optim.lr": 0.5 + index, "optim.lr_schedule": "constant"}),
+        "val_accuracy": val, "score": extra.pop("score", val if status == "completed" else None),
+        "params": extra.pop("params", {"optim.lr": 0.5 + index, "optim.lr_schedule": "constant"}),
         "epsilon_spent": float(eps) * 0.99 if eps and status == "completed" else None, "trial_epsilon": float(eps) if eps else None,
         "noise_multiplier": 1.1, "steps": 40, "n_train": N_TRAIN, "config": {"seed": index}, "trial_seconds": 9.5,
         "images_per_second": 321.0, **extra,
@@ -163,7 +164,7 @@ def test_reproducible_sweep_says_not_private_in_every_output(tmp_path: Path, mon
     assert pd.read_csv(S.path(tmp_path, f"{S.RELEASE_TABLE}.csv"))["guarantee"].str.startswith("NOT PRIVATE").all()
     assert S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md").startswith("# rep: released recipe per ε\n\nNOT PRIVATE")
     assert "NOT PRIVATE" in S.read_text(tmp_path, S.CURATOR_REPORT)
-    assert titles and titles[-1].startswith("NOT PRIVATE")
+    assert titles and all(t.startswith("NOT PRIVATE") for t in titles)  # the released plot and the curator's search curves
     model = torch.load(S.path(tmp_path, S.released_model_name("dpmix_self@eps=4")), weights_only=True)
     assert model["private"] is False and model["guarantee"].startswith("NOT PRIVATE")
 

@@ -23,6 +23,7 @@ from dpmix_ray.errors import BudgetError, ConfigError
 from dpmix_ray.privacy import plan_run, repeat_and_select_epsilon
 from dpmix_ray.sweep import budget as B
 from dpmix_ray.sweep import plan as P
+from dpmix_ray.sweep import selection
 from dpmix_ray.sweep import state as S
 
 TINY_BASE: dict[str, Any] = {
@@ -240,37 +241,67 @@ def test_shared_storage_mirrors_this_layout() -> None:
     assert (storage.TUNE_DIR, storage.STATE_FILE) == (S.TUNE_DIR, S.STATE_FILE)
 
 
-def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: Path) -> None:
-    def rec(index: int, val: float | None, status: str = "completed", phase: str = "search", test: float | None = None) -> dict[str, Any]:
-        return {"group": "g", "phase": phase, "index": index, "status": status, "val_accuracy": val, "test_accuracy": test}
+def test_ledger_keeps_last_record_per_slot_and_selection_reads_the_score(tmp_path: Path) -> None:
+    def rec(index: int, score: float | None, status: str = "completed", phase: str = "search", val: float | None = None,
+            test: float | None = None) -> dict[str, Any]:
+        return {"group": "g", "phase": phase, "index": index, "status": status, "score": score, "val_accuracy": val, "test_accuracy": test}
 
-    for r in [rec(0, 0.5), rec(1, 0.9, "stopped"), rec(2, 0.7), rec(0, 0.7), rec(3, None, "pruned"), rec(0, 0.2, phase="final", test=0.99)]:
+    for r in [rec(0, 0.5), rec(1, 0.9, "stopped"), rec(2, 0.7, val=0.6), rec(0, 0.7, val=0.99), rec(3, None, "pruned"),
+              rec(0, 0.2, phase="final", test=0.99)]:
         S.append_record(tmp_path, r)
     with S.path(tmp_path, S.LEDGER_FILE).open("a") as f:
         f.write('{"group": "g", "phase": "sea')  # torn by a kill
     records = S.read_records(tmp_path)
     assert len(records) == 5
-    best = S.best_search_record(records)
-    assert best is not None and best["index"] == 0 and best["val_accuracy"] == 0.7  # tie → earlier; stopped and test ignored
-    assert S.sweep_complete(records, {"g": 4}, seeds=1) and not S.sweep_complete(records, {"g": 5}, seeds=1)
+    best = selection.best(records)
+    assert best is not None and best["index"] == 0 and best["score"] == 0.7  # tie → earlier; stopped, end-of-run val and test ignored
+    assert S.sweep_complete(records, {"g": 4}, {"g": 1}) and not S.sweep_complete(records, {"g": 5}, {"g": 1})
+    assert not S.sweep_complete(records, {"g": 4}, {"g": 2})
+
+
+def test_selection_score_is_the_last_quarter_mean_of_validation() -> None:
+    history = [(10, 0.5), (20, 0.6), (30, 0.7), (40, 0.9), (50, 0.8)]
+    assert selection.score(history, 50) == pytest.approx(0.85)  # steps 40 and 50 are past 75 % of 50
+    assert selection.score([(10, 0.5), (100, 0.8)], 100) == 0.8  # at least the final report
+    assert selection.score([], 100) is None
+
+
+def test_a_proxy_winner_is_released_through_its_first_full_size_final() -> None:
+    search = [{"phase": "search", "index": i, "status": "completed", "score": s, "proxy": True} for i, s in enumerate((0.8, 0.9))]
+    finals = [{"phase": "final", "index": i, "status": st, "score": 0.5} for i, st in ((1, "completed"), (0, "failed"), (2, "completed"))]
+    assert selection.best(search + finals)["index"] == 1
+    assert selection.released(search) is None  # a proxy is never released; no final yet
+    assert selection.released(search + finals) == finals[0]  # the first completed final (index 1: index 0 failed)
+    full = [r | {"proxy": False} for r in search]
+    assert selection.released(full + finals) is full[1]  # a full-size winner is released itself
 
 
 # --------------------------------------------------------------------------- grouped searcher (Ray imported, no cluster)
 
 
+def finished(spec: dict[str, Any], score: float | None, status: str = "completed") -> dict[str, Any]:
+    """The last report a trial issued as ``spec`` sends (its typed outcome), as Tune hands it to the searcher."""
+    from dpmix_ray.sweep.outcome import Outcome, Status
+
+    record = B.identity(spec) | {"status": status, "val_accuracy": score, "score": score if status == "completed" else None}
+    return Outcome(Status(status), record).as_result()
+
+
 def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None:
     from dpmix_ray.sweep.search import GroupedSearcher
 
-    cfg = sweep(final__seeds=2)
+    cfg = sweep(final__seeds=2, search__transfer=False)
     groups = P.build_groups(cfg)
     db = tmp_path / "optuna.db"
-    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db, plans={}, synthetic=None)
+    counts = {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}
+    s = GroupedSearcher(cfg, groups, counts, db, plans={}, synthetic=None, n_train=240)
     a, b, c = s.suggest("a"), s.suggest("b"), s.suggest("c")
     assert [x["group"] for x in (a, b, c)] == ["dpmix_self@eps=2", "dpmix_self@eps=8", "dpmix_self@eps=2"]
+    assert a["params"] == b["params"] == {"optim.lr": 1.0} != c["params"]  # warm start: the base recipe first, then sampled
     assert s.suggest("d") is None  # searches issued, none finished: no finals yet
     s.on_trial_result("a", {"val_accuracy": 0.3, "training_iteration": 1})
-    s.on_trial_complete("a", {"val_accuracy": 0.4, "trial_status": "completed"})
-    s.on_trial_complete("c", {"val_accuracy": None, "trial_status": "pruned"})
+    s.on_trial_complete("a", finished(a, 0.4))
+    s.on_trial_complete("c", finished(c, None, "pruned"))
     final = s.suggest("e")
     assert final["phase"] == "final" and final["params"] == a["params"] and final["seed"] != a["seed"]
     assert final["plan"]["trial_epsilon"] == 2 and final["train"]["seed"] == final["seed"]  # planned here, in the driver
@@ -279,15 +310,15 @@ def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None
     # A kill after Optuna handed out a trial that Tune's last snapshot never saw:
     s.suggest("lost")  # the second eps=2 final (no study involved) ...
     orphan = optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").ask()  # ... and an orphan
-    restored = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db, plans={}, synthetic=None)
+    restored = GroupedSearcher(cfg, groups, counts, db, plans={}, synthetic=None, n_train=240)
     restored.restore(str(tmp_path / "ckpt.pkl"))
     states = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").trials}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
     again = restored.suggest("f")
     assert (again["phase"], again["index"]) == ("final", 1)  # the lost slot is issued again, same index
-    restored.on_trial_complete("b", {"val_accuracy": None, "trial_status": "failed"})
-    restored.on_trial_complete("e", {"val_accuracy": 0.5, "trial_status": "completed"})
-    restored.on_trial_complete("f", {"val_accuracy": 0.5, "trial_status": "completed"})
+    restored.on_trial_complete("b", finished(b, None, "failed"))
+    restored.on_trial_complete("e", finished(final, 0.5))
+    restored.on_trial_complete("f", finished(again, 0.5))
     assert restored.suggest("g") == "FINISHED"  # eps=8 had no completed trial: no finals for it
     eps2 = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=2", storage=f"sqlite:///{db}").trials}
     assert sorted(s.name for s in eps2.values()) == ["COMPLETE", "PRUNED"]
@@ -299,7 +330,7 @@ def test_repeat_and_select_searcher_launches_every_trial_with_the_stored_group_p
     cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[2])
     groups = P.build_groups(cfg)
     stored = {k: B.TrialPlan.from_dict(p.as_dict()) for k, p in B.plan_groups(cfg, groups, n_train=240).items()}
-    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 3}, tmp_path / "optuna.db", plans=stored, synthetic=None)
+    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 3}, tmp_path / "optuna.db", plans=stored, synthetic=None, n_train=240)
     issued = [s.suggest(t) for t in "abc"]
     assert {json.dumps(c["plan"], sort_keys=True) for c in issued} == {json.dumps(stored["dpmix_self@eps=2"].as_dict(), sort_keys=True)}
     assert len({c["params"]["optim.lr"] for c in issued}) == 3
@@ -395,7 +426,7 @@ def test_repeat_and_select_releases_the_selected_trials_own_model_and_numbers(tm
         assert (r["noise_multiplier"], r["steps"], r["sample_rate"]) == (plan.run.noise_multiplier, plan.run.steps, plan.run.sample_rate)
         assert r["trial_epsilon"] == plan.trial_epsilon and r["search_epsilon"] == plan.search_epsilon
         assert r["test_accuracy"] is not None  # search trials evaluate test too ...
-    best = S.best_search_record(records)  # ... but selection reads validation accuracy only
+    best = selection.best(records)  # ... but selection reads validation figures only
 
     doc = json.loads(S.read_text(out, f"{S.RELEASE_TABLE}.json"))
     [row] = doc["rows"]
@@ -451,7 +482,7 @@ def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, 
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep: no clean shutdown at all
     proc.wait()
     done_before = {(r["group"], r["phase"], r["index"]): r["trial_id"] for r in _ledger_lines(out)}
-    assert done_before and not S.sweep_complete(S.read_records(out), S.read_state(out).counts, 1)
+    assert done_before and not S.sweep_complete(S.read_records(out), S.read_state(out).counts, dict.fromkeys(S.read_state(out).counts, 1))
 
     with pytest.raises(ConfigError, match="config hash"):
         run_sweep(sweep(epsilons=[1, 8]), out=out, resume=True, progress=False)
@@ -460,7 +491,7 @@ def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, 
     lines = _ledger_lines(out)
     state = S.read_state(out)
     records = S.read_records(out)
-    assert state.finished and state.resumes == 1 and S.sweep_complete(records, state.counts, 1)
+    assert state.finished and state.resumes == 1 and S.sweep_complete(records, state.counts, dict.fromkeys(state.counts, 1))
     for slot, trial_id in done_before.items():  # finished before the kill: never trained again
         again = [r for r in lines if (r["group"], r["phase"], r["index"]) == slot]
         assert {r["trial_id"] for r in again} == {trial_id}
@@ -502,27 +533,30 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
+    from dpmix_ray.sweep.outcome import Outcome, Status
     from dpmix_ray.sweep.search import GroupedScheduler
 
-    sched = GroupedScheduler(max_t=9)
+    sched = GroupedScheduler(grace=0.25)
 
     def trial(tid: str, group: str, phase: str = "search") -> Any:
         return SimpleNamespace(trial_id=tid, config={"group": group, "phase": phase})
 
-    def epoch(t: Any, it: int, val: float) -> str:
-        return sched.on_trial_result(None, t, {"training_iteration": it, "val_accuracy": val})
+    def epoch(t: Any, progress: float, val: float) -> str:
+        return sched.on_trial_result(None, t, {"progress": progress, "val_accuracy": val})
 
     good8, bad8, lone1 = trial("a", "m@eps=8"), trial("b", "m@eps=8"), trial("c", "m@eps=1")
     final = trial("d", "m@eps=8", "final")
     for t in (good8, bad8, lone1, final):
         sched.on_trial_add(None, t)
-    assert epoch(good8, 1, 0.9) == TrialScheduler.CONTINUE
-    assert epoch(bad8, 1, 0.1) == TrialScheduler.STOP  # worse than its own ε's rung
-    assert epoch(lone1, 1, 0.05) == TrialScheduler.CONTINUE  # far worse, but alone at ε=1
-    assert epoch(final, 1, 0.0) == TrialScheduler.CONTINUE  # final re-runs are never stopped
-    refused = {"training_iteration": 1, "val_accuracy": None, "trial_status": "pruned"}
+    assert epoch(good8, 10, 0.95) == TrialScheduler.CONTINUE  # before the grace period (25 % of its steps)
+    assert epoch(good8, 30, 0.9) == TrialScheduler.CONTINUE
+    assert epoch(bad8, 20, 0.1) == TrialScheduler.CONTINUE  # not yet at the first rung
+    assert epoch(bad8, 40, 0.1) == TrialScheduler.STOP  # worse than its own ε's rung
+    assert epoch(lone1, 30, 0.05) == TrialScheduler.CONTINUE  # far worse, but alone at ε=1
+    assert epoch(final, 30, 0.0) == TrialScheduler.CONTINUE  # final re-runs are never stopped
+    refused = Outcome(Status.PRUNED, {"status": "pruned", "val_accuracy": None}).as_result()
     assert sched.on_trial_result(None, trial("e", "m@eps=1"), refused) == TrialScheduler.CONTINUE
-    sched.on_trial_complete(None, lone1, {"training_iteration": 2, "val_accuracy": None, "trial_status": "failed"})
+    sched.on_trial_complete(None, lone1, Outcome(Status.FAILED, {"status": "failed", "val_accuracy": None}).as_result())
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@
 
 A plan is stored with the sweep (group plans in the sweep state, per-trial plans in the trial's
 Tune config and ledger record) and handed to ``train(cfg, plan)``, which checks it against the
-config and N; nothing re-plans on resume.
+config and N; nothing re-plans on resume. A proxy search trial (:mod:`dpmix_ray.sweep.proxy`) is
+planned at full size first and then scaled, with its own (large) ε as its plan's target.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from dpmix_ray.config import DataConfig, SweepConfig, TrainConfig, check_against_dataset
+from dpmix_ray import recipe
+from dpmix_ray.config import DataConfig, SweepConfig, TrainConfig, check_against_dataset, with_updates
 from dpmix_ray.errors import BudgetError, DPMixError
 from dpmix_ray.privacy import Plan, calibrate_noise_for_tuning, epsilon_spent, plan_run, repeat_and_select_epsilon
+from dpmix_ray.sweep import proxy, space
 from dpmix_ray.sweep.plan import Group, count_shape, trial_config, trial_seed, uses_tuning_calibration
 
 # A trial's ε_spent may exceed its target by float noise only.
@@ -73,7 +76,7 @@ def plan_group(cfg: SweepConfig, group: Group, n_train: int) -> TrialPlan:
     (q, T) of the base config's batch size and epochs; each trial then spends the smaller per-trial ε.
     Without a search (nothing tuned), a plain one-run plan.
     """
-    train_cfg = trial_config(cfg, group, {}, cfg.base.seed)
+    train_cfg = recipe.resolve(trial_config(cfg, group, {}, cfg.base.seed), n_train)
     check_against_dataset(train_cfg, n_train)
     one_run = _one_run(train_cfg, n_train)
     if not uses_tuning_calibration(cfg, group):
@@ -138,24 +141,61 @@ def check_within_budget(record: dict[str, Any]) -> None:
         raise BudgetError(f"trial {record.get('trial_id')} ({record.get('group')}): search ε={search:.6g} > sweep ε={eps:g}")
 
 
+# What a ledger record says about the trial it records, copied from its spec.
+_IDENTITY = ("group", "method", "epsilon", "delta", "phase", "index", "seed", "params", "proxy")
+
+
+def identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """The identifying part of a trial's ledger record, from its :func:`trial_spec` (the trial's Tune config)."""
+    return {k: spec[k] for k in _IDENTITY}
+
+
+def resolve_trial(cfg: SweepConfig, group: Group, params: dict[str, Any], seed: int, group_plan: TrialPlan | None,
+                  *, synthetic: str | None = None) -> tuple[TrainConfig, TrialPlan]:
+    """A point of the search space as the full-size trial it stands for: its validated config and plan.
+
+    ``dp.steps`` becomes epochs at the point's batch size; null batch size, epochs and lr are derived from N
+    and ε (:func:`dpmix_ray.recipe.resolve`); the planner fixes σ (or T); ``dp.tau`` then sets lr from σ.
+    Raises ConfigError / BudgetError for a point that cannot run.
+    """
+    n = group_plan.n_train if group_plan is not None else training_size(cfg.base.data)
+    updates = space.config_updates(params, cfg.base, n)
+    if synthetic is not None and cfg.base.mix.synthetic == "synth":
+        updates["mix.synthetic"] = synthetic
+    train_cfg = recipe.resolve(trial_config(cfg, group, updates, seed), n)
+    plan = plan_trial(train_cfg, group_plan)
+    if space.TAU in params and train_cfg.is_private:
+        train_cfg = with_updates(train_cfg, {"optim.lr": space.lr_from_tau(float(params[space.TAU]), train_cfg, plan.run)})
+    return train_cfg, plan
+
+
+def _as_proxy(cfg: SweepConfig, train_cfg: TrainConfig, plan: TrialPlan) -> tuple[TrainConfig, TrialPlan] | None:
+    """The proxy of a full-size search trial (:mod:`dpmix_ray.sweep.proxy`), or None where none applies."""
+    small = cfg.search.proxy.batch_size if cfg.search.proxy is not None else None
+    if small is None or not train_cfg.is_private or not proxy.applies(train_cfg.optim.batch_size, small):
+        return None
+    run = proxy.scale(plan.run, batch_size=train_cfg.optim.batch_size, proxy_batch=small, n_train=plan.n_train, delta=train_cfg.privacy.delta)
+    return proxy.config(train_cfg, run, small), TrialPlan(run, plan.n_train, trial_epsilon=run.epsilon_spent)
+
+
 def trial_spec(
     cfg: SweepConfig, group: Group, *, phase: str, index: int, params: dict[str, Any], group_plan: TrialPlan | None, synthetic: str | None
 ) -> dict[str, Any]:
     """What the driver launches: the trial's resolved config and its plan, or why it is refused (before any step).
 
-    The Tune config of one trial (JSON-able, so Tune's experiment state keeps it across a resume).
+    A search trial runs as its proxy when ``search.proxy`` applies (``proxy: true``); a final run always at
+    full size. The Tune config of one trial (JSON-able, so Tune's experiment state keeps it across a resume).
     """
     seed = trial_seed(cfg, phase, index)
     spec: dict[str, Any] = {
         "group": group.key, "method": group.method, "epsilon": group.epsilon, "delta": cfg.delta if group.epsilon is not None else None,
-        "phase": phase, "index": index, "seed": seed, "params": params, "train": None, "plan": None, "refused": None,
+        "phase": phase, "index": index, "seed": seed, "params": params, "proxy": False, "train": None, "plan": None, "refused": None,
     }
-    resolved = dict(params)
-    if synthetic is not None and cfg.base.mix.synthetic == "synth":
-        resolved["mix.synthetic"] = synthetic
     try:
-        train_cfg = trial_config(cfg, group, resolved, seed)
-        plan = plan_trial(train_cfg, group_plan)
+        train_cfg, plan = resolve_trial(cfg, group, params, seed, group_plan, synthetic=synthetic)
+        small = _as_proxy(cfg, train_cfg, plan) if phase == "search" else None
     except DPMixError as e:
         return spec | {"refused": str(e)}
-    return spec | {"train": train_cfg.model_dump(mode="json"), "plan": plan.as_dict()}
+    if small is not None:
+        train_cfg, plan = small
+    return spec | {"train": train_cfg.model_dump(mode="json"), "plan": plan.as_dict(), "proxy": small is not None}

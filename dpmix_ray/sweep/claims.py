@@ -9,10 +9,13 @@ are NOT PRIVATE, and every output says so.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dpmix_ray.config import SweepConfig
 from dpmix_ray.sweep.plan import Group, uses_tuning_calibration
 
 NOT_PRIVATE = "NOT PRIVATE"
+PROXY = "PROXY"
 HELD_OUT = "the validation and test splits are held-out data whose use is not private"
 
 
@@ -37,6 +40,11 @@ def guarantee(cfg: SweepConfig, group: Group, n_train: int | None) -> str:
     data = f"the {n_train} training examples" if n_train is not None else "the training split"
     if not group.space:
         what = "one training run (nothing was tuned)"
+    elif cfg.search.proxy is not None:
+        what = (
+            "one full-size training run only (the released model, a run of the selected recipe), NOT the selection over "
+            "the search, nor its proxy trials (each a run at its own, much larger ε; curator only)"
+        )
     elif uses_tuning_calibration(cfg, group):
         dist = "Poisson" if cfg.search.trials_shape is None else f"truncated negative binomial η={cfg.search.trials_shape:g}"
         what = (
@@ -55,6 +63,14 @@ def label(cfg: SweepConfig, group: Group) -> str:
     if not group.space:
         return "one run (nothing tuned)"
     return "whole search" if uses_tuning_calibration(cfg, group) else "one run, not the search"
+
+
+def trial_covers(cfg: SweepConfig, group: Group, record: dict[str, Any]) -> str:
+    """What one trial's own run is covered by, for tables of every trial: a proxy trial says it is outside."""
+    if record.get("proxy") and is_private(cfg, group):
+        spent = record.get("trial_epsilon")
+        return f"{PROXY}: outside the sweep's guarantee (this run alone: ε={spent:.3g})" if spent is not None else PROXY
+    return label(cfg, group)
 
 
 def statement(cfg: SweepConfig, n_train: int | None) -> str:
@@ -81,4 +97,9 @@ def statement(cfg: SweepConfig, n_train: int | None) -> str:
             "curator/ (every other trial, the drawn trial counts, the optuna.db) and the final re-runs of the chosen "
             "recipe on fresh seeds, each one more run on the private data."
         )
-    return f"{head}{body} Not private either way: {HELD_OUT}."
+    proxies = (
+        f" The search ran as proxy trials (TAN: batch {cfg.search.proxy.batch_size} with σ scaled to keep σ/B and the step "
+        "count): they are NOT covered by the sweep's ε (each reports its own, much larger ε), stay in curator/, and are "
+        "never released; the released models are full-size runs of the selected recipes." if cfg.search.proxy is not None else ""
+    )
+    return f"{head}{body}{proxies} Not private either way: {HELD_OUT}."

@@ -14,9 +14,7 @@ Ray is imported here, in :mod:`dpmix_ray.sweep.search` and in :mod:`dpmix_ray.sw
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import secrets
 from contextlib import contextmanager
@@ -31,8 +29,10 @@ from dpmix_ray import storage as shared
 from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
-from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, plan_groups, training_size
-from dpmix_ray.sweep.plan import METRIC, Group, build_groups, check_sweep, trial_counts
+from dpmix_ray.sweep import selection
+from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity, plan_groups, training_size
+from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status
+from dpmix_ray.sweep.plan import Group, build_groups, check_sweep, early_stopping, final_seeds, trial_counts
 from dpmix_ray.sweep.search import GroupedScheduler, GroupedSearcher
 from dpmix_ray.sweep.trial import MODEL_FILE, run_trial
 
@@ -42,16 +42,14 @@ MAX_RETRIES = 2
 log = logging.getLogger(__name__)
 
 
-def _ledger_record(trial: Any, status: str, reason: str) -> dict[str, Any]:
-    """A record for a trial that never sent its own (stopped early, or crashed past its retries)."""
+def _ledger_record(trial: Any, status: Status, reason: str) -> dict[str, Any]:
+    """A record for a trial that never sent its own outcome (stopped early, or crashed past its retries)."""
     last = trial.last_result or {}
-    c = trial.config
-    plan = c["plan"] or {}
+    plan = trial.config["plan"] or {}
     return {
-        **{k: c[k] for k in ("group", "method", "epsilon", "delta", "phase", "index", "seed", "params")},
-        "trial_id": trial.trial_id, "status": status, "reason": reason, "val_accuracy": last.get(METRIC),
-        "epsilon_spent": last.get("epsilon_spent"), "trial_epsilon": plan.get("trial_epsilon"), "search_epsilon": plan.get("search_epsilon"),
-        "epochs_reported": last.get("epoch"), "retries": trial.num_failures,
+        **identity(trial.config), "trial_id": trial.trial_id, "status": status.value, "reason": reason, "val_accuracy": last.get(METRIC),
+        "score": None, "epsilon_spent": last.get("epsilon_spent"), "trial_epsilon": plan.get("trial_epsilon"),
+        "search_epsilon": plan.get("search_epsilon"), "epochs_reported": last.get("epoch"), "retries": trial.num_failures,
     }
 
 
@@ -81,22 +79,22 @@ class SweepCallback(tune.Callback):
             # disable=None: a live bar on a terminal, only the per-trial lines in a log file.
             self._bar = tqdm(total=self._total, initial=len(S.read_records(self._out)), desc="trials", unit="trial", dynamic_ncols=True, disable=None)
 
-    def _keep_if_best(self, trial: Any, record: dict[str, Any]) -> None:
-        """Before the ledger: a completed search trial that is now its group's best (by validation) leaves its
-        model in curator/models; the group's previous best's is dropped after the ledger has the new one."""
-        if record["phase"] != "search" or record["status"] != "completed":
+    def _keep_if_released(self, trial: Any, record: dict[str, Any]) -> None:
+        """Before the ledger: a trial that is now its group's release candidate (:func:`selection.released`) leaves its
+        model in curator/models; the previous candidate's is dropped after the ledger has the new record."""
+        if record["status"] != Status.COMPLETED or record.get("proxy"):
             return
         slot = (record["phase"], record["index"])
         mine = [r for r in S.read_records(self._out) if r["group"] == record["group"] and (r["phase"], r["index"]) != slot]
-        if S.best_search_record([*mine, record]) is not record:
+        if selection.released([*mine, record]) is not record:
             return
         weights = _checkpoint_file(trial, MODEL_FILE)
         if weights is not None:
-            S.write_file(self._out, S.model_name(record["group"], record["index"]), weights)
+            S.write_file(self._out, S.model_name(record["group"], record["phase"], record["index"]), weights)
 
     def _drop_superseded(self, group: str) -> None:
-        best = S.best_search_record([r for r in S.read_records(self._out) if r["group"] == group])
-        keep = S.model_name(group, best["index"]) if best is not None else None
+        chosen = selection.released([r for r in S.read_records(self._out) if r["group"] == group])
+        keep = S.model_name(group, chosen["phase"], chosen["index"]) if chosen is not None else None
         for name in S.list_files(self._out, S.model_dir(group)):
             if name != keep:
                 S.remove(self._out, name)
@@ -115,19 +113,20 @@ class SweepCallback(tune.Callback):
             self._bar.update(1)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        if "record_json" in last:
-            record = json.loads(last["record_json"]) | {"trial_id": trial.trial_id, "retries": trial.num_failures}
+        outcome = Outcome.of(trial.last_result)
+        if outcome is not None:
+            record = dict(outcome.record) | {"trial_id": trial.trial_id, "retries": trial.num_failures}
         else:
-            record = _ledger_record(trial, "stopped", f"stopped early by ASHA after epoch {last.get('epoch')}")
-        self._keep_if_best(trial, record)
+            progress = (trial.last_result or {}).get(PROGRESS)
+            record = _ledger_record(trial, Status.STOPPED, f"stopped early by ASHA at {progress or 0:.0f}% of its steps")
+        self._keep_if_released(trial, record)
         self._write(record)
         self._drop_superseded(record["group"])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         error = trial.get_error()
         reason = str(error).strip().splitlines()[-1] if error is not None else "worker crashed"
-        self._write(_ledger_record(trial, "failed", f"crashed {trial.num_failures}× (retries exhausted): {reason}"))
+        self._write(_ledger_record(trial, Status.FAILED, f"crashed {trial.num_failures}× (retries exhausted): {reason}"))
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         if self._bar is not None:
@@ -189,13 +188,6 @@ def _shared_storage(cfg: SweepConfig, out: Path, resume: bool) -> shared.Mirror 
 def _trial_name(trial: Any) -> str:
     c = trial.config
     return f"{c['group']}-{c['phase']}{c['index']}-{trial.trial_id}".replace("=", "")
-
-
-def _max_epochs(cfg: SweepConfig) -> int:
-    """ASHA's horizon in epoch reports (σ searched: epochs are derived, so a generous bound)."""
-    if "optim.epochs" in cfg.space:
-        return max(1, math.ceil(max(float(v) for v in next(iter(cfg.space["optim.epochs"].values())))))
-    return max(1, math.ceil(cfg.base.optim.epochs)) if cfg.base.optim.epochs is not None else 100
 
 
 def _check_local_resources(res: ResourcesConfig) -> None:
@@ -303,14 +295,14 @@ def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group]
     path = f"{state.storage_path.rstrip('/')}/{S.EXPERIMENT}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    total = sum(state.counts.values()) + cfg.final.seeds * sum(1 for c in state.counts.values() if c > 0)
+    total = sum(state.counts.values()) + sum(final_seeds(cfg, g) for g in groups if state.counts[g.key] > 0)
     plans = {k: TrialPlan.from_dict(p) for k, p in state.plans.items()}
-    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic)
+    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic, n_train=state.n_train)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=GroupedScheduler(_max_epochs(cfg)) if cfg.search.scheduler == "asha" else None,
+            scheduler=GroupedScheduler(cfg.search.grace) if early_stopping(cfg) else None,
             num_samples=-1,  # the searcher says when it is done (random trial counts, then finals)
             max_concurrent_trials=cfg.search.max_concurrent,
             reuse_actors=True,
@@ -423,7 +415,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     for record in records:
         if record["status"] == "completed":
             check_within_budget(record)
-    state.finished = S.sweep_complete(records, state.counts, cfg.final.seeds)
+    state.finished = S.sweep_complete(records, state.counts, {g.key: final_seeds(cfg, g) for g in groups})
     S.write_state(out, state)
     from dpmix_ray.report import build_report, summary_table
 

@@ -21,7 +21,6 @@ from dpmix_ray import methods
 from dpmix_ray.config import SweepConfig, TrainConfig, with_updates
 from dpmix_ray.errors import ConfigError
 
-METRIC = "val_accuracy"
 # Final re-runs of the chosen recipe use seeds far from the search trials' seeds.
 FINAL_SEED_OFFSET = 100_000
 
@@ -29,7 +28,7 @@ FINAL_SEED_OFFSET = 100_000
 _NOT_SEARCHABLE = ("method", "seed", "privacy.epsilon", "privacy.delta", "privacy.accountant", "privacy.reproducible")
 # Under repeat_and_select every trial must run the same privacy mechanism (same q, T, σ): the
 # repeat-and-select bound composes one RDP curve, not the worst of many.
-_MECHANISM_KEYS = ("optim.batch_size", "optim.epochs", "privacy.noise_multiplier", "data.", "synth.")
+_MECHANISM_KEYS = ("optim.batch_size", "optim.epochs", "dp.steps", "privacy.noise_multiplier", "data.", "synth.")
 
 
 @dataclass(frozen=True)
@@ -52,11 +51,15 @@ def group_key(method: str, epsilon: float | None) -> str:
 
 
 def _space_for(cfg: SweepConfig, method: str) -> dict[str, dict[str, list[Any]]]:
+    """What a method's studies search: nothing for the non-private reference (one run, the ceiling), else the
+    sweep's space less the keys the method never reads."""
+    if not methods.get(method).private:
+        return {}
     return {k: v for k, v in cfg.space.items() if not methods.ignores(method, k)}
 
 
 def build_groups(cfg: SweepConfig) -> list[Group]:
-    """The main method then each baseline, one group per ε (one group for ``nonprivate``)."""
+    """The main method then each baseline, one group per ε (one group, one run, for ``nonprivate``)."""
     names = [cfg.base.method] + [m for m in cfg.baselines if m != cfg.base.method]
     groups: list[Group] = []
     for method in dict.fromkeys(names):
@@ -88,10 +91,16 @@ def check_sweep(cfg: SweepConfig) -> None:
                 "search.sampler: repeat_and_select needs random (the Papernot–Steinke bound holds for random "
                 "search with a random number of trials; TPE adapts to earlier trials)"
             )
-        if cfg.search.scheduler is not None:
-            raise ConfigError("search.scheduler: repeat_and_select needs null (early stopping makes trials depend on each other)")
-        if cfg.base.optim.epochs is None:
-            raise ConfigError("base.optim.epochs: repeat_and_select fixes the step count and calibrates σ; give epochs, not σ")
+        if cfg.search.scheduler == "asha":
+            raise ConfigError("search.scheduler: repeat_and_select needs fifo (early stopping makes trials depend on each other)")
+        adaptive = {"search.warm_start": cfg.search.warm_start, "search.transfer": cfg.search.transfer}
+        for key, on in adaptive.items():
+            if on:
+                raise ConfigError(f"{key}: repeat_and_select needs random search only (seeding a study with chosen recipes adapts it)")
+        if cfg.search.proxy is not None:
+            raise ConfigError("search.proxy: repeat_and_select needs every trial to run the one private mechanism (proxy trials are not private)")
+        if cfg.base.privacy.noise_multiplier is not None:
+            raise ConfigError("base.privacy.noise_multiplier: repeat_and_select fixes the step count and calibrates σ; give epochs, not σ")
         for key in cfg.space:
             if key.startswith(_MECHANISM_KEYS):
                 raise ConfigError(
@@ -100,6 +109,33 @@ def check_sweep(cfg: SweepConfig) -> None:
                 )
     elif cfg.search.trials_shape is not None:
         raise ConfigError("search.trials_shape: only used by tuning_privacy: repeat_and_select")
+
+
+def warm_start(cfg: SweepConfig) -> bool:
+    """Whether each study starts from the embedded/derived default (adaptive: never under repeat_and_select)."""
+    return cfg.search.warm_start if cfg.search.warm_start is not None else cfg.tuning_privacy == "per_trial"
+
+
+def transfer(cfg: SweepConfig) -> bool:
+    """Whether a study receives its neighbouring ε's best recipe (adaptive: never under repeat_and_select)."""
+    return cfg.search.transfer if cfg.search.transfer is not None else cfg.tuning_privacy == "per_trial"
+
+
+def early_stopping(cfg: SweepConfig) -> bool:
+    """Whether ASHA stops poor search trials (never under repeat_and_select: trials would depend on each other)."""
+    return cfg.search.scheduler == "asha"
+
+
+def neighbours(groups: list[Group], group: Group) -> list[Group]:
+    """The same method's groups at the ε just below and just above ``group``'s: where its best recipe is handed."""
+    same = sorted((g for g in groups if g.method == group.method and g.epsilon is not None), key=lambda g: g.epsilon)
+    i = next((i for i, g in enumerate(same) if g.key == group.key), None)
+    return [] if i is None else [same[j] for j in (i - 1, i + 1) if 0 <= j < len(same)]
+
+
+def final_seeds(cfg: SweepConfig, group: Group) -> int:
+    """Fresh-seed re-runs of a group's chosen recipe: none for the non-private reference (one run)."""
+    return cfg.final.seeds if methods.get(group.method).private else 0
 
 
 def optuna_distributions(space: dict[str, dict[str, list[Any]]]) -> dict[str, optuna.distributions.BaseDistribution]:

@@ -2,11 +2,17 @@
 
 * :class:`GroupedSearcher` keeps one ``OptunaSearch`` per group (each its own Optuna study in the
   one ``optuna.db``), hands out that group's drawn number of trials, and once a group's search is
-  over issues its ``final.seeds`` fresh-seed re-runs of the best config (selected on validation
-  accuracy only) while the other groups keep searching. Every trial it issues carries its privacy
-  plan, made here in the driver (:func:`dpmix_ray.sweep.budget.trial_spec`), or the reason it is refused.
-* :class:`GroupedScheduler` runs one ASHA per group: trials at ε=1 must never be stopped for being
-  worse than trials at ε=8.
+  over issues its fresh-seed final runs of the selected recipe (:mod:`dpmix_ray.sweep.selection`)
+  while the other groups keep searching. Every trial it issues carries its privacy plan, made here
+  in the driver (:func:`dpmix_ray.sweep.budget.trial_spec`), or the reason it is refused.
+* Known-good recipes go first: every study is seeded with the embedded/derived default before any
+  sampled point (``search.warm_start``), and whenever a group's best recipe improves it is handed to
+  the same method's studies at the neighbouring ε, moved by the transfer rule
+  (:func:`dpmix_ray.sweep.space.transfer`; ``search.transfer``). Both are Optuna enqueued trials:
+  ``OptunaSearch`` asks its study, which pops them before sampling; they live in ``optuna.db``, so a
+  resume neither loses nor repeats them. Neither runs under repeat_and_select (random search only).
+* :class:`GroupedScheduler` runs one ASHA per group on the trials' progress through their steps:
+  trials at ε=1 must never be stopped for being worse than trials at ε=8.
 """
 
 from __future__ import annotations
@@ -23,15 +29,23 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from dpmix_ray.config import SweepConfig
+from dpmix_ray.sweep import plan as P
+from dpmix_ray.sweep import selection, space
 from dpmix_ray.sweep.budget import TrialPlan, trial_spec
-from dpmix_ray.sweep.plan import METRIC, Group, optuna_distributions
+from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status, is_epoch_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger(__name__)
+# What the searcher keeps of a finished search trial's record: enough to select and hand over.
+_KEPT = ("phase", "index", "status", "score", "params", "proxy")
 
 
 class _Study(OptunaSearch):
-    """``OptunaSearch`` that also tells Optuna about outcomes Tune only sees as plain completions."""
+    """``OptunaSearch`` that also tells Optuna about outcomes Tune only sees as plain completions, and takes seeds."""
+
+    def enqueue(self, point: dict[str, Any]) -> None:
+        """A known-good point, asked before any sampled one (skipped if the study already holds it)."""
+        self._ot_study.enqueue_trial(point, skip_if_exists=True)
 
     def finish(self, trial_id: str, *, value: float | None, state: TrialState) -> None:
         try:
@@ -41,14 +55,17 @@ class _Study(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     def fail_orphans(self) -> None:
-        """Mark Optuna trials left RUNNING by a kill before Tune's last snapshot as FAIL (Tune will never finish them)."""
+        """Mark Optuna trials left RUNNING by a kill before Tune's last snapshot as FAIL (Tune will never finish them);
+        an orphan that was an enqueued seed is enqueued again, so the seed is not lost."""
         known = {t.number for t in self._ot_trials.values()}
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in known:
                 self._ot_study.tell(t.number, state=TrialState.FAIL)
+                if "fixed_params" in t.system_attrs:
+                    self._ot_study.enqueue_trial(t.system_attrs["fixed_params"])
 
 
-def _make_study(cfg: SweepConfig, group: Group, index: int, count: int, storage: optuna.storages.BaseStorage) -> _Study:
+def _make_study(cfg: SweepConfig, group: P.Group, index: int, count: int, storage: optuna.storages.BaseStorage) -> _Study:
     seed = cfg.search.seed + index
     if cfg.search.sampler == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
@@ -56,7 +73,7 @@ def _make_study(cfg: SweepConfig, group: Group, index: int, count: int, storage:
         # Startup trials are random; with a handful of trials per ε, TPE should still get to model some.
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, count // 2)), constant_liar=True)
     study = _Study(
-        space=optuna_distributions(group.space), metric=METRIC, mode="max", sampler=sampler,
+        space=P.optuna_distributions(group.space), metric=METRIC, mode="max", sampler=sampler,
         study_name=group.key, storage=storage,
     )
     study.fail_orphans()
@@ -64,15 +81,17 @@ def _make_study(cfg: SweepConfig, group: Group, index: int, count: int, storage:
 
 
 class GroupedSearcher(Searcher):
-    """Round-robins suggestions over per-group Optuna studies; then the best config's final re-runs."""
+    """Round-robins suggestions over per-group Optuna studies (seeded, with transfer across ε); then the finals."""
 
     def __init__(
-        self, cfg: SweepConfig, groups: list[Group], counts: dict[str, int], db: Path, *,
-        plans: dict[str, TrialPlan], synthetic: str | None,
+        self, cfg: SweepConfig, groups: list[P.Group], counts: dict[str, int], db: Path, *,
+        plans: dict[str, TrialPlan], synthetic: str | None, n_train: int,
     ):
         super().__init__(metric=METRIC, mode="max")
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
         self._cfg = cfg
+        self._n_train = n_train
+        self._group_list = list(groups)
         self._groups = {g.key: g for g in groups}
         self._plans = plans  # per group under repeat_and_select (fixed before Ray started); empty under per_trial
         self._synthetic = synthetic
@@ -85,14 +104,22 @@ class GroupedSearcher(Searcher):
         self._finals = {k: 0 for k in self._keys}
         self._open: dict[str, set[str]] = {k: set() for k in self._keys}
         self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> the config it was issued
-        self._best: dict[str, dict[str, Any]] = {}  # group -> value, index, params of its best completed search trial
+        self._records: dict[str, list[dict[str, Any]]] = {k: [] for k in self._keys}  # finished search trials, per group
+        self.handed_over: list[dict[str, Any]] = []  # transfers made: to, from, the source trial, the point
         self._next = 0
+        if P.warm_start(cfg):
+            for g in groups:
+                if (study := self._studies[g.key]) is not None:
+                    study.enqueue(space.default_point(cfg, P.trial_config(cfg, g, {}, cfg.base.seed), n_train))
 
     def _search_over(self, key: str) -> bool:
         return self._issued[key] >= self._counts[key] and not self._open[key]
 
+    def _best(self, key: str) -> dict[str, Any] | None:
+        return selection.best(self._records[key])
+
     def _finals_wanted(self, key: str) -> int:
-        return self._cfg.final.seeds if key in self._best else 0
+        return P.final_seeds(self._cfg, self._groups[key]) if self._best(key) is not None else 0
 
     def _issue(self, trial_id: str, key: str, phase: str, index: int, params: dict[str, Any]) -> dict[str, Any]:
         config = trial_spec(
@@ -105,7 +132,7 @@ class GroupedSearcher(Searcher):
         for key in self._keys:  # finals first: they complete a row of the table
             if self._search_over(key) and self._finals[key] < self._finals_wanted(key):
                 self._finals[key] += 1
-                return self._issue(trial_id, key, "final", self._finals[key] - 1, dict(self._best[key]["params"]))
+                return self._issue(trial_id, key, "final", self._finals[key] - 1, dict(self._best(key)["params"]))
         for shift in range(len(self._keys)):
             key = self._keys[(self._next + shift) % len(self._keys)]
             if self._issued[key] < self._counts[key]:
@@ -122,7 +149,7 @@ class GroupedSearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         issued = self._trials[trial_id]
         study = self._studies[issued["group"]]
-        if issued["phase"] == "search" and study is not None and "trial_status" not in result and result.get(METRIC) is not None:
+        if issued["phase"] == "search" and study is not None and is_epoch_report(result):
             try:
                 study.on_trial_result(trial_id, result)
             except optuna.exceptions.UpdateFinishedTrialError:  # told before a kill, re-trained after the resume
@@ -134,21 +161,31 @@ class GroupedSearcher(Searcher):
         if issued["phase"] != "search":
             return
         self._open[key].discard(trial_id)
-        status = (result or {}).get("trial_status")
-        value = (result or {}).get(METRIC)
-        best = self._best.get(key)
-        if status == "completed" and value is not None and (best is None or (value, -issued["index"]) > (best["value"], -best["index"])):
-            self._best[key] = {"value": value, "index": issued["index"], "params": issued["params"]}  # same rule as the report
-        study = self._studies[key]
-        if study is None:
-            return
-        if error or status == "failed":
-            state = TrialState.FAIL
-        elif status == "completed" and value is not None:
-            state = TrialState.COMPLETE
-        else:  # refused by the planner, or stopped early by ASHA
-            state = TrialState.PRUNED
-        study.finish(trial_id, value=value, state=state)
+        outcome = None if error else Outcome.of(result)
+        before = self._best(key)
+        if outcome is not None:
+            self._records[key].append({k: outcome.record.get(k) for k in _KEPT})
+        if (study := self._studies[key]) is not None:
+            if outcome is not None and outcome.score is not None:
+                study.finish(trial_id, value=outcome.score, state=TrialState.COMPLETE)
+            elif error or (outcome is not None and outcome.status is Status.FAILED):
+                study.finish(trial_id, value=None, state=TrialState.FAIL)
+            else:  # refused by the planner, or stopped early by ASHA (its last report is an epoch's)
+                study.finish(trial_id, value=None, state=TrialState.PRUNED)
+        if self._best(key) is not before and P.transfer(self._cfg):
+            self._hand_over(key)
+
+    def _hand_over(self, key: str) -> None:
+        """The group's new best recipe, moved by the transfer rule, to each neighbouring ε that still has trials to run."""
+        best, source = self._best(key), self._groups[key]
+        for target in P.neighbours(self._group_list, source):
+            study = self._studies[target.key]
+            if study is None or self._issued[target.key] >= self._counts[target.key]:
+                continue
+            point = space.transfer(best["params"], source.epsilon, target.epsilon, self._n_train, target.space,
+                                   delta=self._cfg.delta, accountant=self._cfg.base.privacy.accountant)
+            study.enqueue(point)
+            self.handed_over.append({"to": target.key, "from": key, "index": best["index"], "point": point})
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -163,12 +200,12 @@ class GroupedSearcher(Searcher):
 
 
 class GroupedScheduler(FIFOScheduler):
-    """One ASHA per group over epoch reports; finals, refusals and final reports pass through."""
+    """One ASHA per group over the search trials' progress (percent of their steps); finals and outcomes pass through."""
 
-    def __init__(self, max_t: int):
+    def __init__(self, grace: float):
         super().__init__()
         self._metric = METRIC
-        self._max_t = max_t
+        self._grace = grace
         self._asha: dict[str, AsyncHyperBandScheduler] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -180,13 +217,10 @@ class GroupedScheduler(FIFOScheduler):
         key = trial.config["group"]
         if key not in self._asha:
             self._asha[key] = AsyncHyperBandScheduler(
-                metric=METRIC, mode="max", max_t=self._max_t, grace_period=1, reduction_factor=3, stop_last_trials=False
+                time_attr=PROGRESS, metric=METRIC, mode="max", max_t=100.0, grace_period=100.0 * self._grace, reduction_factor=3,
+                stop_last_trials=False,
             )
         return self._asha[key]
-
-    @staticmethod
-    def _epoch_result(result: dict[str, Any]) -> bool:
-        return "trial_status" not in result and result.get(METRIC) is not None
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         if (asha := self._for(trial)) is not None:
@@ -194,13 +228,13 @@ class GroupedScheduler(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         asha = self._for(trial)
-        if asha is None or not self._epoch_result(result):
+        if asha is None or not is_epoch_report(result):
             return TrialScheduler.CONTINUE
         return asha.on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
         if (asha := self._for(trial)) is not None:
-            if self._epoch_result(result):
+            if is_epoch_report(result):
                 asha.on_trial_complete(tune_controller, trial, result)
             else:
                 asha.on_trial_remove(tune_controller, trial)

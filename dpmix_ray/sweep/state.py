@@ -28,6 +28,7 @@ import yaml
 
 from dpmix_ray.config import SweepConfig, config_hash, load_sweep_config
 from dpmix_ray.errors import ConfigError
+from dpmix_ray.sweep import selection
 
 RELEASE = "release"
 CURATOR = "curator"
@@ -56,7 +57,7 @@ FILES: dict[str, str] = {
     OPTUNA_FILE: "curator only: one Optuna study per (method, ε); opens in optuna-dashboard",
     STATE_FILE: "curator only: drawn trial counts, privacy plans, the synthetic set's path",
     CONFIG_FILE: "curator only: the resolved sweep config",
-    f"{CURATOR_MODELS}/": "curator only: the model of each group's best search trial so far",
+    f"{CURATOR_MODELS}/": "curator only: each group's release candidate so far (its selected full-size trial, or its first final run)",
     f"{TUNE_DIR}/": "curator only: Tune's experiment state and trial checkpoints",
 }
 
@@ -189,23 +190,14 @@ def read_records(out: Path) -> list[dict[str, Any]]:
     return [slots[k] for k in sorted(slots, key=lambda k: (k[0], k[1] != "search", k[2]))]
 
 
-def best_search_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Selection by validation accuracy only, among search trials that ran to completion (ties: earliest).
-
-    Test accuracy is recorded for every trial but never read here.
-    """
-    done = [r for r in records if r["phase"] == "search" and r["status"] == "completed" and r.get("val_accuracy") is not None]
-    return max(done, key=lambda r: (r["val_accuracy"], -int(r["index"])), default=None)
-
-
-def sweep_complete(records: list[dict[str, Any]], counts: dict[str, int], seeds: int) -> bool:
-    """Every drawn search slot and every final re-run (for groups with a completed trial) is in the ledger."""
+def sweep_complete(records: list[dict[str, Any]], counts: dict[str, int], finals: dict[str, int]) -> bool:
+    """Every drawn search slot, and each group's ``finals[group]`` re-runs once it has a selected trial, is in the ledger."""
     for key, count in counts.items():
         mine = [r for r in records if r["group"] == key]
         search = [r for r in mine if r["phase"] == "search"]
-        finals = [r for r in mine if r["phase"] == "final"]
-        wanted = seeds if best_search_record(search) is not None else 0
-        if len(search) < count or len(finals) < wanted:
+        done = [r for r in mine if r["phase"] == "final"]
+        wanted = finals.get(key, 0) if selection.best(search) is not None else 0
+        if len(search) < count or len(done) < wanted:
             return False
     return True
 
@@ -214,9 +206,9 @@ def model_dir(group: str) -> str:
     return f"{CURATOR_MODELS}/{file_stem(group)}"
 
 
-def model_name(group: str, index: int) -> str:
-    """The curator's copy of one search trial's model."""
-    return f"{model_dir(group)}/search{index}.pt"
+def model_name(group: str, phase: str, index: int) -> str:
+    """The curator's copy of one trial's model (a release candidate: :func:`dpmix_ray.sweep.selection.released`)."""
+    return f"{model_dir(group)}/{phase}{index}.pt"
 
 
 def released_model_name(group: str) -> str:

@@ -1,22 +1,23 @@
 """The Tune trainable: one trial = one call of the shared trainer with the plan the driver made, reporting once per epoch.
 
 Glue only. The searcher hands each trial its resolved TrainConfig and privacy plan, or the reason
-it was refused (:func:`dpmix_ray.sweep.budget.trial_spec`); the trial trains and reports. Outcomes:
+it was refused (:func:`dpmix_ray.sweep.budget.trial_spec`); the trial trains and reports. Its last
+report is an :class:`~dpmix_ray.sweep.outcome.Outcome`:
 
 * ``pruned``: refused before any step (an impossible config, or a plan ``train`` does not accept).
 * ``failed``: training raised (diverged, bad data, a bug); the sweep goes on. Only a *crashed*
   worker (actor or node lost) reaches Tune as an error and is retried from the last checkpoint.
-* ``completed``: the final report carries the whole ledger record; the last checkpoint holds it too,
-  and for a search trial the trained model's weights (the driver keeps the best per group for
-  release), so a trial that finished just before a kill is re-reported on resume, not re-trained.
+* ``completed``: the record carries the selection score (:mod:`dpmix_ray.sweep.selection`) from the
+  epoch reports; the last checkpoint holds the record too, and for a trial that may be released
+  (full size, not a proxy) the trained model's weights, so a trial that finished just before a
+  kill is re-reported on resume, not re-trained.
 
-Every trial evaluates the test split too; selection reads validation accuracy only. Only the keys
+Every trial evaluates the test split too; selection reads validation figures only. Only the keys
 of the trainer's documented result (:data:`RESULT_KEYS`) reach the ledger.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -31,8 +32,9 @@ from ray import tune
 from dpmix_ray.config import DataConfig, TrainConfig
 from dpmix_ray.data import Splits, load_splits
 from dpmix_ray.errors import BudgetError, ConfigError
-from dpmix_ray.sweep.budget import TrialPlan, check_within_budget
-from dpmix_ray.sweep.plan import METRIC
+from dpmix_ray.sweep import selection
+from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity
+from dpmix_ray.sweep.outcome import Outcome, Status, epoch_report
 from dpmix_ray.trainer import EpochReport, fit
 
 STATE_FILE = "state.pt"
@@ -74,10 +76,10 @@ def _load_checkpoint() -> dict[str, Any] | None:
         return {p.name: torch.load(p, weights_only=False) for p in Path(d).iterdir() if p.suffix == ".pt"}
 
 
-def _outcome(record: dict[str, Any], status: str, reason: str | None = None) -> dict[str, Any]:
-    """The trial's last report: the Tune metric plus the whole ledger record as one JSON column."""
-    record |= {"status": status, "reason": reason, "finished_at": time.time()}
-    return {METRIC: record.get("val_accuracy"), "trial_status": status, "record_json": json.dumps(record, default=str)}
+def _outcome(record: dict[str, Any], status: Status, reason: str | None = None) -> dict[str, Any]:
+    """The trial's last report: its typed outcome, with the whole ledger record."""
+    record |= {"status": status.value, "reason": reason, "finished_at": time.time()}
+    return Outcome(status, record).as_result()
 
 
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -91,59 +93,65 @@ def run_trial(config: dict[str, Any]) -> None:
     saved = _load_checkpoint()
     if saved is not None and "record" in saved[STATE_FILE]:
         record = saved[STATE_FILE]["record"]
-        _report(_outcome(record, record["status"], record["reason"]), saved)
+        _report(_outcome(record, Status(record["status"]), record["reason"]), saved)
         return
     state = saved[STATE_FILE] if saved else None
     spent_before = state["seconds"] if state else 0.0
+    history: list[tuple[int, float]] = list(state["history"]) if state else []  # (step, val) of each epoch report
     plan = TrialPlan.from_dict(config["plan"]) if config["plan"] is not None else None
     record: dict[str, Any] = {
-        **{k: config[k] for k in ("group", "method", "epsilon", "delta", "phase", "index", "seed", "params")},
+        **identity(config),
         "trial_epsilon": plan.trial_epsilon if plan else None, "search_epsilon": plan.search_epsilon if plan else None,
-        "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "resumed_from_step": state["train"]["step"] if state else 0,
+        "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "score": None,
+        "resumed_from_step": state["train"]["step"] if state else 0,
     }
     record["node_id"] = ray.get_runtime_context().get_node_id()  # where this (possibly retried) run trained
 
     def seconds() -> float:
         return spent_before + time.perf_counter() - started
 
-    def stop(status: str, reason: str) -> None:
+    def stop(status: Status, reason: str) -> None:
         record["trial_seconds"] = seconds()
         _report(_outcome(record, status, reason))
 
     if plan is None:
-        return stop("pruned", config["refused"])
+        return stop(Status.PRUNED, config["refused"])
     train_cfg = TrainConfig.model_validate(config["train"])
     try:
         splits = _splits(train_cfg.data.model_dump_json())
     except Exception as e:  # noqa: BLE001 - e.g. missing data: deterministic, so recorded rather than retried
-        return stop("failed", f"{type(e).__name__}: {e}")
+        return stop(Status.FAILED, f"{type(e).__name__}: {e}")
     trained = state is not None
 
     def on_epoch(rep: EpochReport) -> None:
         nonlocal trained
         trained = True
-        _report({**rep.metrics, "epoch": rep.epoch, "step": rep.step}, {STATE_FILE: {"train": rep.state(), "seconds": seconds()}})
+        history.append((rep.step, rep.metrics["val_accuracy"]))
+        metrics = epoch_report(val_accuracy=rep.metrics["val_accuracy"], epsilon_spent=rep.metrics.get("epsilon_spent"),
+                               epoch=rep.epoch, step=rep.step, steps=plan.run.steps)
+        _report(metrics, {STATE_FILE: {"train": rep.state(), "seconds": seconds(), "history": list(history)}})
 
     model: dict[str, torch.Tensor] | None = None
     try:
         fitted = fit(train_cfg, plan.run, on_epoch=on_epoch, resume_state=state["train"] if state else None, progress=False, splits=splits)
     except (ConfigError, BudgetError) as e:
         if not trained:  # the trainer refused the plan before the first step
-            return stop("pruned", str(e))
-        status, reason, result = "failed", str(e), {}
+            return stop(Status.PRUNED, str(e))
+        status, reason, result = Status.FAILED, str(e), {}
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not a crash of it
-        status, reason, result = "failed", f"{type(e).__name__}: {e}", {}
+        status, reason, result = Status.FAILED, f"{type(e).__name__}: {e}", {}
     else:
-        status, reason, result = "completed", None, fitted.result
-        if config["phase"] == "search":  # a candidate for release: the driver keeps each group's best
+        status, reason, result = Status.COMPLETED, None, fitted.result
+        if not config["proxy"]:  # a candidate for release (selection.released): the driver keeps each group's
             model = {k: v.detach().cpu() for k, v in fitted.model.state_dict().items()}
     record |= result_fields(result)
+    record["score"] = selection.score(history, plan.run.steps) if status is Status.COMPLETED else None
     record["trial_seconds"] = seconds()
-    if status == "completed":
+    if status is Status.COMPLETED:
         try:
             check_within_budget(record)
         except BudgetError as e:
-            status, reason, model = "failed", str(e), None
+            status, reason, model = Status.FAILED, str(e), None
     files: dict[str, Any] = {STATE_FILE: {"record": record, "seconds": record["trial_seconds"]}}
     if model is not None:
         files[MODEL_FILE] = {"state_dict": model}
