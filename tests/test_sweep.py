@@ -281,10 +281,12 @@ def test_a_proxy_winner_is_released_through_its_first_full_size_final() -> None:
 
 def finished(spec: dict[str, Any], score: float | None, status: str = "completed") -> dict[str, Any]:
     """The last report a trial issued as ``spec`` sends (its typed outcome), as Tune hands it to the searcher."""
-    from dpmix_ray.sweep.outcome import Outcome, Status
+    from ray.tune.utils import flatten_dict
+
+    from dpmix_ray.sweep.outcome import Outcome
 
     record = B.identity(spec) | {"status": status, "val_accuracy": score, "score": score if status == "completed" else None}
-    return Outcome(Status(status), record).as_result()
+    return flatten_dict(Outcome.of_record(record).as_result())  # Tune flattens what searchers see
 
 
 def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None:
@@ -372,9 +374,9 @@ def test_two_epsilon_sweep_end_to_end_with_failed_and_pruned_trials(tmp_path: Pa
     from dpmix_ray.sweep import run_sweep
 
     # lr 1e30 diverges at once; K=1 with a self-mixup is impossible (pruned before any step). The seeded
-    # random samplers draw, over the 2 × 2 trials: pruned + completed at ε=2, completed + failed at ε=8.
+    # random samplers draw, over the 2 × 2 trials (no seeds before them): pruned + completed at ε=2, completed + failed at ε=8.
     space = {"optim.lr": {"choice": [1.0, 1.0e30]}, "mix.aug_multiplicity": {"int": [1, 2]}}
-    out = run_sweep(sweep(space=space, search__seed=5), out=tmp_path / "out", progress=False)
+    out = run_sweep(sweep(space=space, search__seed=5, search__warm_start=False, search__transfer=False), out=tmp_path / "out", progress=False)
     records = S.read_records(out)
     search = {(r["group"], r["index"]): r for r in records if r["phase"] == "search"}
     assert len(search) == 4
@@ -532,6 +534,7 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
+    from ray.tune.utils import flatten_dict
 
     from dpmix_ray.sweep.outcome import Outcome, Status
     from dpmix_ray.sweep.search import GroupedScheduler
@@ -554,9 +557,9 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
     assert epoch(bad8, 40, 0.1) == TrialScheduler.STOP  # worse than its own ε's rung
     assert epoch(lone1, 30, 0.05) == TrialScheduler.CONTINUE  # far worse, but alone at ε=1
     assert epoch(final, 30, 0.0) == TrialScheduler.CONTINUE  # final re-runs are never stopped
-    refused = Outcome(Status.PRUNED, {"status": "pruned", "val_accuracy": None}).as_result()
+    refused = flatten_dict(Outcome(Status.PRUNED).as_result())
     assert sched.on_trial_result(None, trial("e", "m@eps=1"), refused) == TrialScheduler.CONTINUE
-    sched.on_trial_complete(None, lone1, Outcome(Status.FAILED, {"status": "failed", "val_accuracy": None}).as_result())
+    sched.on_trial_complete(None, lone1, flatten_dict(Outcome(Status.FAILED).as_result()))
 
 
 @pytest.mark.slow

@@ -113,8 +113,8 @@ class SweepCallback(tune.Callback):
             self._bar.update(1)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        outcome = Outcome.of(trial.last_result)
-        if outcome is not None:
+        outcome = Outcome.of(trial.last_result)  # unflattened: it holds the record
+        if outcome is not None and outcome.record is not None:
             record = dict(outcome.record) | {"trial_id": trial.trial_id, "retries": trial.num_failures}
         else:
             progress = (trial.last_result or {}).get(PROGRESS)

@@ -36,8 +36,6 @@ from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status, is_epoch_
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger(__name__)
-# What the searcher keeps of a finished search trial's record: enough to select and hand over.
-_KEPT = ("phase", "index", "status", "score", "params", "proxy")
 
 
 class _Study(OptunaSearch):
@@ -164,7 +162,8 @@ class GroupedSearcher(Searcher):
         outcome = None if error else Outcome.of(result)
         before = self._best(key)
         if outcome is not None:
-            self._records[key].append({k: outcome.record.get(k) for k in _KEPT})
+            self._records[key].append({k: issued[k] for k in ("phase", "index", "params", "proxy")}
+                                      | {"status": outcome.status.value, "score": outcome.score})
         if (study := self._studies[key]) is not None:
             if outcome is not None and outcome.score is not None:
                 study.finish(trial_id, value=outcome.score, state=TrialState.COMPLETE)

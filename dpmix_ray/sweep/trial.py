@@ -79,7 +79,7 @@ def _load_checkpoint() -> dict[str, Any] | None:
 def _outcome(record: dict[str, Any], status: Status, reason: str | None = None) -> dict[str, Any]:
     """The trial's last report: its typed outcome, with the whole ledger record."""
     record |= {"status": status.value, "reason": reason, "finished_at": time.time()}
-    return Outcome(status, record).as_result()
+    return Outcome.of_record(record).as_result()
 
 
 def result_fields(result: dict[str, Any]) -> dict[str, Any]:
