@@ -45,6 +45,14 @@ class _Study(OptunaSearch):
         """A known-good point, asked before any sampled one (skipped if the study already holds it)."""
         self._ot_study.enqueue_trial(point, skip_if_exists=True)
 
+    def label(self, trial_id: str, spec: dict[str, Any]) -> None:
+        """What optuna-dashboard shows beside a trial's parameters: whether it is a proxy, and the ε its run spends."""
+        trial = self._ot_trials[trial_id]
+        trial.set_user_attr("proxy", spec["proxy"])
+        trial.set_user_attr("trial_epsilon", (spec["plan"] or {}).get("trial_epsilon"))
+        if spec["refused"]:
+            trial.set_user_attr("refused", spec["refused"])
+
     def finish(self, trial_id: str, *, value: float | None, state: TrialState) -> None:
         try:
             self._ot_study.tell(self._ot_trials[trial_id], value if state == TrialState.COMPLETE else None, state=state)
@@ -139,7 +147,10 @@ class GroupedSearcher(Searcher):
                 params = study.suggest(trial_id) if study is not None else {}
                 self._issued[key] += 1
                 self._open[key].add(trial_id)
-                return self._issue(trial_id, key, "search", self._issued[key] - 1, params)
+                spec = self._issue(trial_id, key, "search", self._issued[key] - 1, params)
+                if study is not None:
+                    study.label(trial_id, spec)
+                return spec
         if all(self._search_over(k) and self._finals[k] >= self._finals_wanted(k) for k in self._keys):
             return Searcher.FINISHED
         return None  # waiting for a group's search to end before its finals
