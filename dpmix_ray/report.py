@@ -30,7 +30,7 @@ from dpmix_ray.sweep.plan import Group, build_groups
 _TRIAL_COLUMNS = (
     "trial_id", "group", "method", "epsilon", "delta", "phase", "index", "seed", "proxy", "covers", "status", "reason", "score", "val_accuracy",
     "test_accuracy", "epsilon_spent", "trial_epsilon", "search_epsilon", "noise_multiplier", "sample_rate", "steps",
-    "epochs", "accountant", "n_train", "private", "guarantee", "trial_seconds", "wall_seconds", "images_per_second", "retries", "resumed_from_step",
+    "epochs", "accountant", "n_train", "private", "guarantee", "trial_seconds", "trial_cpu_seconds", "wall_seconds", "images_per_second", "retries", "resumed_from_step",
 )
 # What a released row holds: the selected trial's own results and data-independent plan figures. Never the
 # trial counts, other trials, timings or batch statistics (under repeat_and_select those are what ε does not cover).

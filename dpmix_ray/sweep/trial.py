@@ -89,14 +89,14 @@ def result_fields(result: dict[str, Any]) -> dict[str, Any]:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable; ``config`` is a :func:`~dpmix_ray.sweep.budget.trial_spec`."""
-    started, started_at = time.perf_counter(), time.time()
+    started, started_at, cpu_started = time.perf_counter(), time.time(), time.process_time()
     saved = _load_checkpoint()
     if saved is not None and "record" in saved[STATE_FILE]:
         record = saved[STATE_FILE]["record"]
         _report(_outcome(record, Status(record["status"]), record["reason"]), saved)
         return
     state = saved[STATE_FILE] if saved else None
-    spent_before = state["seconds"] if state else 0.0
+    spent_before, cpu_before = (state["seconds"], state["cpu_seconds"]) if state else (0.0, 0.0)
     history: list[tuple[int, float]] = list(state["history"]) if state else []  # (step, val) of each epoch report
     plan = TrialPlan.from_dict(config["plan"]) if config["plan"] is not None else None
     record: dict[str, Any] = {
@@ -110,8 +110,12 @@ def run_trial(config: dict[str, Any]) -> None:
     def seconds() -> float:
         return spent_before + time.perf_counter() - started
 
+    def cpu_seconds() -> float:
+        """CPU time of this trial's process (all its threads): its compute, whatever else shares the machine."""
+        return cpu_before + time.process_time() - cpu_started
+
     def stop(status: Status, reason: str) -> None:
-        record["trial_seconds"] = seconds()
+        record |= {"trial_seconds": seconds(), "trial_cpu_seconds": cpu_seconds()}
         _report(_outcome(record, status, reason))
 
     if plan is None:
@@ -129,7 +133,7 @@ def run_trial(config: dict[str, Any]) -> None:
         history.append((rep.step, rep.metrics["val_accuracy"]))
         metrics = epoch_report(val_accuracy=rep.metrics["val_accuracy"], epsilon_spent=rep.metrics.get("epsilon_spent"),
                                epoch=rep.epoch, step=rep.step, steps=plan.run.steps)
-        _report(metrics, {STATE_FILE: {"train": rep.state(), "seconds": seconds(), "history": list(history)}})
+        _report(metrics, {STATE_FILE: {"train": rep.state(), "seconds": seconds(), "cpu_seconds": cpu_seconds(), "history": list(history)}})
 
     model: dict[str, torch.Tensor] | None = None
     try:
@@ -146,7 +150,7 @@ def run_trial(config: dict[str, Any]) -> None:
             model = {k: v.detach().cpu() for k, v in fitted.model.state_dict().items()}
     record |= result_fields(result)
     record["score"] = selection.score(history, plan.run.steps) if status is Status.COMPLETED else None
-    record["trial_seconds"] = seconds()
+    record |= {"trial_seconds": seconds(), "trial_cpu_seconds": cpu_seconds()}
     if status is Status.COMPLETED:
         try:
             check_within_budget(record)
