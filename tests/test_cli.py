@@ -35,7 +35,7 @@ def test_train_prints_one_json_result_line(tmp_path):
     [
         ("method: dpsgd\nmix: {aug_multiplicity: 1\n", [], "invalid YAML at line"),
         ("privacy: {epsilonn: 2}\n", [], "privacy.epsilonn: unknown key"),
-        ("method: dpsgd\n", [], "method dpsgd needs mix.aug_multiplicity=1"),
+        ("method: dpsgd\nmix: {aug_multiplicity: 4}\n", [], "method dpsgd needs mix.aug_multiplicity=1"),  # [search: a method implies its counts]
         ("data: {name: digits}\n", ["privacy.noise_multiplier=0.2", "optim.epochs=null"], "exceeds"),
         ("data: {name: digits}\n", ["privacy.delta=0.01"], "privacy.delta"),
         ("data: {name: parquet:/nonexistent/x.parquet}\n", [], "/nonexistent/x.parquet"),

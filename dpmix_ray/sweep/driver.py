@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +51,7 @@ def _ledger_record(trial: Any, status: Status, reason: str) -> dict[str, Any]:
         **identity(trial.config), "trial_id": trial.trial_id, "status": status.value, "reason": reason, "val_accuracy": last.get(METRIC),
         "score": None, "epsilon_spent": last.get("epsilon_spent"), "trial_epsilon": plan.get("trial_epsilon"),
         "search_epsilon": plan.get("search_epsilon"), "epochs_reported": last.get("epoch"), "retries": trial.num_failures,
+        "trial_seconds": last.get("trial_seconds"), "trial_cpu_seconds": last.get("trial_cpu_seconds"), "finished_at": time.time(),
     }
 
 

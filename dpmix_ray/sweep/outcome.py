@@ -27,9 +27,12 @@ class Status(StrEnum):
     FAILED = "failed"  # training raised (diverged, bad data), or the worker crashed past its retries
 
 
-def epoch_report(*, val_accuracy: float, epsilon_spent: float | None, epoch: int, step: int, steps: int) -> dict[str, Any]:
-    """One epoch's report: what ASHA and Optuna's intermediate values read."""
-    return {METRIC: val_accuracy, "epsilon_spent": epsilon_spent, "epoch": epoch, "step": step, PROGRESS: 100.0 * step / steps}
+def epoch_report(*, val_accuracy: float, epsilon_spent: float | None, epoch: int, step: int, steps: int, seconds: float,
+                 cpu_seconds: float) -> dict[str, Any]:
+    """One epoch's report: what ASHA and Optuna's intermediate values read, and the trial's time so far (a trial
+    stopped early is recorded from its last report)."""
+    return {METRIC: val_accuracy, "epsilon_spent": epsilon_spent, "epoch": epoch, "step": step, PROGRESS: 100.0 * step / steps,
+            "trial_seconds": seconds, "trial_cpu_seconds": cpu_seconds}
 
 
 def is_epoch_report(result: Mapping[str, Any]) -> bool:

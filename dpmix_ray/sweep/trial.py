@@ -115,7 +115,7 @@ def run_trial(config: dict[str, Any]) -> None:
         return cpu_before + time.process_time() - cpu_started
 
     def stop(status: Status, reason: str) -> None:
-        record |= {"trial_seconds": seconds(), "trial_cpu_seconds": cpu_seconds()}
+        record.update(trial_seconds=seconds(), trial_cpu_seconds=cpu_seconds())
         _report(_outcome(record, status, reason))
 
     if plan is None:
@@ -132,7 +132,7 @@ def run_trial(config: dict[str, Any]) -> None:
         trained = True
         history.append((rep.step, rep.metrics["val_accuracy"]))
         metrics = epoch_report(val_accuracy=rep.metrics["val_accuracy"], epsilon_spent=rep.metrics.get("epsilon_spent"),
-                               epoch=rep.epoch, step=rep.step, steps=plan.run.steps)
+                               epoch=rep.epoch, step=rep.step, steps=plan.run.steps, seconds=seconds(), cpu_seconds=cpu_seconds())
         _report(metrics, {STATE_FILE: {"train": rep.state(), "seconds": seconds(), "cpu_seconds": cpu_seconds(), "history": list(history)}})
 
     model: dict[str, torch.Tensor] | None = None
