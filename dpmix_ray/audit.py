@@ -25,6 +25,7 @@ from torch import nn
 
 from dpmix_ray.config import TrainConfig
 from dpmix_ray.data import ImageSet, Splits, load_splits
+from dpmix_ray.errors import ConfigError
 from dpmix_ray.mix import self_augment
 
 CONFIDENCE = 0.95
@@ -124,7 +125,7 @@ def make_canaries(splits: Splits, count: int, *, label_seed: int, rng: np.random
     """
     train = splits.train
     if not 2 <= count < len(train):
-        raise ValueError(f"canaries: need 2 <= m < {len(train)} training examples (got {count})")
+        raise ConfigError(f"--canaries: need 2 <= m < {len(train)}, the training examples (got {count})")
     shift = torch.from_numpy(np.random.default_rng(label_seed).integers(1, splits.num_classes, size=count))
     x, y_true = train.x[-count:], train.y[-count:]
     canaries = Canaries(x, (y_true + shift) % splits.num_classes, np.zeros(count, dtype=bool))
@@ -209,7 +210,6 @@ def run_audit(
     *,
     canaries: int = DEFAULT_CANARIES,
     guesses: int = DEFAULT_GUESSES,
-    two_sided: bool = True,
     splits: Splits | None = None,
     progress: bool = True,
     rng: np.random.Generator | None = None,
@@ -217,16 +217,19 @@ def run_audit(
     """Audit one training run of ``cfg``: canaries in, train once with the exact trainer, score, bound.
 
     ``guesses`` is r, fixed before the run (choosing it after seeing the scores would void the
-    confidence); two-sided splits it evenly between "in" (top scores) and "out" (bottom scores).
+    confidence), split evenly between "in" (top scores) and "out" (bottom scores): both tails carry
+    signal, as an excluded mislabelled canary has about the highest loss there is.
     """
     from dpmix_ray.trainer import augmentation
 
+    if not 2 <= guesses <= canaries:
+        raise ConfigError(f"--guesses: need 2 <= guesses <= canaries (got {guesses} guesses, {canaries} canaries)")
     audited, can = make_canaries(splits or load_splits(cfg.data), canaries, label_seed=cfg.seed, rng=rng)
     fitted = _fit(cfg, splits=audited, progress=progress)
     flip, padding = augmentation(cfg, audited)
     device = next(fitted.model.parameters()).device
     scores = canary_scores(fitted.model, can, views=cfg.mix.aug_multiplicity, padding=padding, flip=flip, seed=cfg.seed, device=device)
-    top = (guesses + 1) // 2 if two_sided else guesses
+    top = (guesses + 1) // 2
     made = guess(scores, top=top, bottom=guesses - top)
     correct = count_correct(made, can.included)
     delta = cfg.privacy.delta
@@ -250,5 +253,4 @@ def run_audit(
         "steps": res["steps"],
         "noise_multiplier": res["noise_multiplier"],
         "val_accuracy": res["val_accuracy"],
-        "scores": scores,
     }
