@@ -77,11 +77,11 @@ def cmd_audit(args: argparse.Namespace) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from dpmix_ray.config import load_synth_config
-    from dpmix_ray.synth import generate
+    from dpmix_ray.config import load_data_config, load_synth_config
+    from dpmix_ray.synth import generate_for
 
     cfg = load_synth_config(args.config, args.set)
-    path = generate(cfg, progress=not args.json)
+    path = generate_for(cfg, load_data_config(args.config, args.set), progress=not args.json)
     _print_json({"synthetic_set": str(path)})
 
 

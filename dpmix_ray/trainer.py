@@ -93,7 +93,7 @@ def _synthetic_pool(cfg: TrainConfig, splits: Splits, progress: bool) -> Synthet
 
     s = resolve_synthetic(
         cfg.mix.synthetic, cfg.synth, class_names=splits.class_names, channels=splits.channels,
-        image_size=splits.image_size, progress=progress,
+        image_size=splits.image_size, private=cfg.data.name, is_public=cfg.mix.synthetic_is_public, progress=progress,
     )
     return SyntheticPool.from_tensors(s.x, s.y, splits.num_classes)
 
