@@ -70,9 +70,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
     counts = {k: v for k, v in (("canaries", args.canaries), ("guesses", args.guesses)) if v is not None}
     report = run_audit(cfg, **counts, progress=not args.json)
     if not args.json:
-        print(f"  ε_lb = {report['epsilon_lower_bound']:.3f} at {report['confidence']:.0%} ({report['correct']}/{report['guesses']} "
-              f"guesses right, {report['canaries']} canaries) for a run claiming ε = {report['epsilon']} (δ = {report['delta']:g}); "
-              f"no black-box audit with {report['guesses']} guesses can show more than {report['max_provable_epsilon']:.2f}", file=sys.stderr)
+        claim = "no ε (non-private)" if report["epsilon"] is None else f"ε = {report['epsilon']:.3f}, δ = {report['delta']:g}"
+        print(f"  ε_lb = {report['epsilon_lower_bound']:.2f} at {report['confidence']:.0%} confidence ({report['correct']}/{report['guesses']} "
+              f"guesses right, {report['canaries']} canaries) for a run claiming {claim}; no black-box audit with "
+              f"{report['guesses']} guesses can show more than {report['max_provable_epsilon']:.2f}", file=sys.stderr)
     _print_json(report)
 
 
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="one-run empirical privacy audit (a lower bound on ε) of a training config")
     a.add_argument("config", nargs="?", default=None)
     with_set(a)
-    a.add_argument("--canaries", type=int, help="m mislabelled canaries taken from the training split (default: dpmix_ray.audit)")
-    a.add_argument("--guesses", type=int, help="r guesses, half 'in', half 'out', fixed before the run (default: dpmix_ray.audit)")
+    a.add_argument("--canaries", type=int, help="m mislabelled canaries taken from the training split (default 1000)")
+    a.add_argument("--guesses", type=int, help="r guesses, half 'in', half 'out', fixed before the run (default 200)")
     a.add_argument("--json", action="store_true", help="no progress bar or summary; only the JSON result line")
     a.set_defaults(fn=cmd_audit)
 

@@ -123,6 +123,14 @@ def test_cli_audit_ends_with_one_json_line(tmp_path):
     assert res["epsilon_lower_bound"] <= res["epsilon"] <= 2 and res["confidence"] == 0.95
 
 
+def test_cli_help_states_the_audit_defaults():
+    from dpmix_ray.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["audit"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert f"(default {A.DEFAULT_CANARIES})" in helps["canaries"] and f"(default {A.DEFAULT_GUESSES})" in helps["guesses"]
+
+
 def test_cli_audit_refuses_more_guesses_than_canaries():
     proc = subprocess.run([sys.executable, "-m", "dpmix_ray.cli", "audit", "--set", "data.name=digits", "--canaries", "50",
                            "--guesses", "60"], capture_output=True, text=True, timeout=600)
