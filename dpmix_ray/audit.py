@@ -117,8 +117,8 @@ class Canaries:
 def make_canaries(splits: Splits, count: int, *, label_seed: int, rng: np.random.Generator | None = None) -> tuple[Splits, Canaries]:
     """Take the last ``count`` training images as canaries, relabelled to a different class.
 
-    The split order is stratified, so the canaries span the classes and the rest of the training
-    split keeps its balance. A mislabelled image is far from what the other data teach (its loss
+    The training split is in the order of a keyed hash of each image (``data.load_splits``), so
+    these are a random subset, independent of the labels. A mislabelled image is far from what the other data teach (its loss
     is high unless it was trained on), which is what gives the audit power. Inclusion draws come
     from ``rng``, by default a generator seeded with 128 secret bits. Returns the training split
     with the included canaries appended (so N, q and the δ < 1/N check count them) and the canaries.
