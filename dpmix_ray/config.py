@@ -107,6 +107,11 @@ class PrivacyConfig(_Strict):
     clip_norm: float = Field(1.0, gt=0.0)
     noise_multiplier: float | None = Field(None, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
+    reproducible: bool = Field(
+        False,
+        description="derive the Poisson masks and the noise from `seed` (research, tests): the run is then NOT private; "
+        "false = secret randomness, never saved",
+    )
 
 
 class OptimConfig(_Strict):
