@@ -26,7 +26,8 @@ from torch import nn
 from dpmix_ray.config import TrainConfig
 from dpmix_ray.data import ImageSet, Splits, load_splits
 from dpmix_ray.errors import ConfigError
-from dpmix_ray.mix import self_augment
+from dpmix_ray.mix import draw, self_augment
+from dpmix_ray.trainer import augmentation, fit
 
 CONFIDENCE = 0.95
 DEFAULT_CANARIES = 1000
@@ -141,21 +142,22 @@ def make_canaries(splits: Splits, count: int, *, label_seed: int, rng: np.random
 
 @torch.no_grad()
 def canary_scores(
-    model: nn.Module, canaries: Canaries, *, views: int, padding: int, flip: bool, seed: int, device: torch.device, batch: int = 256
+    model: nn.Module, canaries: Canaries, *, views: int, padding: int, flip: bool, seed: int, batch: int = 256
 ) -> np.ndarray:
     """Minus each canary's cross-entropy (against its canary label), averaged over ``views`` augmentations.
 
     Higher means "more likely trained on". Only the trained model is read (a black-box audit);
-    the augmentations are the trainer's kind, drawn from a public ``seed``.
+    the augmentations are the trainer's crops and flips, drawn from a public ``seed``.
     """
     model.eval()
-    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for lo in range(0, len(canaries), batch):
         x = canaries.x[lo : lo + batch].to(device)
         y = canaries.y[lo : lo + batch].to(device)
-        augs = self_augment(x, views, padding=padding, flip=flip, rng=rng)  # [b, V, C, H, W]
-        logits = model(augs.flatten(0, 1))
+        d = draw(y, image_hw=(x.shape[2], x.shape[3]), k=views, m=0, n=0, alpha=1.0, padding=padding, flip=flip, gen=gen)
+        logits = model(self_augment(x, d.crop, d.flip, padding=padding).flatten(0, 1))  # [b·V, classes]
         loss = nn.functional.cross_entropy(logits, y.repeat_interleave(views), reduction="none")
         out.append(-loss.view(len(y), views).mean(1).cpu())
     return torch.cat(out).double().numpy()
@@ -181,30 +183,6 @@ def count_correct(guesses: np.ndarray, included: np.ndarray) -> int:
 # --------------------------------------------------------------------------- one audited run
 
 
-@dataclass(frozen=True)
-class _Fitted:  # TEMPORARY shim until trainer.fit (mech) lands on main
-    result: dict[str, Any]
-    model: nn.Module
-
-
-def _fit(cfg: TrainConfig, *, splits: Splits, progress: bool) -> _Fitted:  # TEMPORARY shim
-    from dpmix_ray import trainer
-
-    built: list[nn.Module] = []
-    orig = trainer.build_model
-
-    def capture(*a: Any, **k: Any) -> nn.Module:
-        built.append(orig(*a, **k))
-        return built[-1]
-
-    trainer.build_model = capture
-    try:
-        result = trainer.train(cfg, splits=splits, progress=progress)
-    finally:
-        trainer.build_model = orig
-    return _Fitted(result, built[-1].eval())
-
-
 def run_audit(
     cfg: TrainConfig,
     *,
@@ -220,15 +198,12 @@ def run_audit(
     confidence), split evenly between "in" (top scores) and "out" (bottom scores): both tails carry
     signal, as an excluded mislabelled canary has about the highest loss there is.
     """
-    from dpmix_ray.trainer import augmentation
-
     if not 2 <= guesses <= canaries:
         raise ConfigError(f"--guesses: need 2 <= guesses <= canaries (got {guesses} guesses, {canaries} canaries)")
     audited, can = make_canaries(splits or load_splits(cfg.data), canaries, label_seed=cfg.seed, rng=rng)
-    fitted = _fit(cfg, splits=audited, progress=progress)
+    fitted = fit(cfg, splits=audited, progress=progress)
     flip, padding = augmentation(cfg, audited)
-    device = next(fitted.model.parameters()).device
-    scores = canary_scores(fitted.model, can, views=cfg.mix.aug_multiplicity, padding=padding, flip=flip, seed=cfg.seed, device=device)
+    scores = canary_scores(fitted.model, can, views=cfg.mix.aug_multiplicity, padding=padding, flip=flip, seed=cfg.seed)
     top = (guesses + 1) // 2
     made = guess(scores, top=top, bottom=guesses - top)
     correct = count_correct(made, can.included)
@@ -237,6 +212,7 @@ def run_audit(
     counts = dict(canaries=canaries, guesses=guesses, correct=correct)
     return {
         "method": cfg.method,
+        "private": res["private"],
         "epsilon": res["epsilon_spent"],
         "epsilon_target": res["epsilon_target"],
         "delta": delta,

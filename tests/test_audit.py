@@ -131,8 +131,9 @@ def test_cli_help_states_the_audit_defaults():
     assert f"(default {A.DEFAULT_CANARIES})" in helps["canaries"] and f"(default {A.DEFAULT_GUESSES})" in helps["guesses"]
 
 
-def test_cli_audit_refuses_more_guesses_than_canaries():
-    proc = subprocess.run([sys.executable, "-m", "dpmix_ray.cli", "audit", "--set", "data.name=digits", "--canaries", "50",
-                           "--guesses", "60"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert "--guesses" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_cli_audit_refuses_more_guesses_than_canaries(capsys):
+    from dpmix_ray.cli import main
+
+    assert main(["audit", "--set", "data.name=digits", "--canaries", "50", "--guesses", "60"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "--guesses" in err
