@@ -48,12 +48,13 @@ def _binom_pmf(n: int, p: float) -> np.ndarray:
 
 
 def p_value(*, epsilon: float, delta: float, canaries: int, guesses: int, correct: int) -> float:
-    """Largest probability, over every (ε, δ)-DP training run, of ≥ ``correct`` right guesses out of ``guesses``.
+    """An upper bound, valid for every (ε, δ)-DP training run, on P[≥ ``correct`` of ``guesses`` right].
 
-    Steinke et al. (Thm. 3.1 and their p-value algorithm): with m canaries each included with
-    probability ½ and r guesses made from the trained model alone, P[W ≥ v] ≤ β + 2mδ·α, where
-    β = P[Binomial(r, e^ε/(1+e^ε)) ≥ v] and α = max_{1≤i≤v} P[v−i ≤ Binomial(r, ·) < v] / i.
-    A value below 1 − confidence rejects "the run is (ε, δ)-DP".
+    Steinke et al. (Thm. 3.1 and their p-value algorithm): with m canaries each included
+    independently with probability ½ and r guesses made from the trained model alone,
+    P[W ≥ v] ≤ β + 2mδ·α, where β = P[Binomial(r, e^ε/(1+e^ε)) ≥ v] and
+    α = max_{1≤i≤v} P[v−i ≤ Binomial(r, ·) < v] / i. A value ≤ 1 − confidence rejects
+    "the run is (ε, δ)-DP" at that confidence.
     """
     if not 0 <= correct <= guesses <= canaries:
         raise ValueError(f"need 0 <= correct <= guesses <= canaries (got {correct}, {guesses}, {canaries})")
