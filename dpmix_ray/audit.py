@@ -116,26 +116,25 @@ class Canaries:
         return len(self.y)
 
 
-def make_canaries(splits: Splits, count: int, *, label_seed: int, rng: np.random.Generator | None = None) -> tuple[Splits, Canaries]:
+def make_canaries(splits: Splits, count: int, *, label_seed: int) -> tuple[Splits, Canaries]:
     """Take the last ``count`` training images as canaries, relabelled to a different class.
 
-    The training split is in the order of a keyed hash of each image (``data.load_splits``), so
-    these are a random subset, independent of the labels. A mislabelled image is far from what the other data teach (its loss
-    is high unless it was trained on), which is what gives the audit power. Inclusion draws come
-    from ``rng``, by default a generator seeded with 128 secret bits. Returns the training split
-    with the included canaries appended (so N, q and the δ < 1/N check count them) and the canaries.
+    The training split is in the order of a keyed hash of each image (``data.load_splits``), so these
+    are a random subset, independent of the labels. A mislabelled image is far from what the other
+    data teach (its loss is high unless it was trained on), which is what gives the audit power. The
+    labels come from the public ``label_seed``; which canaries join comes from a generator seeded
+    with 128 secret bits, fresh per call and never stored. Returns the training split with the
+    included canaries appended (so N, q and the δ < 1/N check count them) and the canaries.
     """
     train = splits.train
     if not 2 <= count < len(train):
         raise ConfigError(f"--canaries: need 2 <= m < {len(train)}, the training examples (got {count})")
     shift = torch.from_numpy(np.random.default_rng(label_seed).integers(1, splits.num_classes, size=count))
-    x, y_true = train.x[-count:], train.y[-count:]
-    canaries = Canaries(x, (y_true + shift) % splits.num_classes, np.zeros(count, dtype=bool))
-    rng = rng or np.random.default_rng(secrets.randbits(128))
-    included = rng.random(count) < 0.5
+    included = np.random.default_rng(secrets.randbits(128)).random(count) < 0.5
+    canaries = Canaries(train.x[-count:], (train.y[-count:] + shift) % splits.num_classes, included)
     keep = torch.from_numpy(included)
     audited = ImageSet(torch.cat([train.x[:-count], canaries.x[keep]]), torch.cat([train.y[:-count], canaries.y[keep]]))
-    return replace(splits, train=audited), replace(canaries, included=included)
+    return replace(splits, train=audited), canaries
 
 
 # --------------------------------------------------------------------------- scoring and guessing
@@ -191,7 +190,6 @@ def run_audit(
     guesses: int = DEFAULT_GUESSES,
     splits: Splits | None = None,
     progress: bool = True,
-    rng: np.random.Generator | None = None,
 ) -> dict[str, Any]:
     """Audit one training run of ``cfg``: canaries in, train once with the exact trainer, score, bound.
 
@@ -201,7 +199,7 @@ def run_audit(
     """
     if not 2 <= guesses <= canaries:
         raise ConfigError(f"--guesses: need 2 <= guesses <= canaries (got {guesses} guesses, {canaries} canaries)")
-    audited, can = make_canaries(splits or load_splits(cfg.data), canaries, label_seed=cfg.seed, rng=rng)
+    audited, can = make_canaries(splits or load_splits(cfg.data), canaries, label_seed=cfg.seed)
     fitted = fit(cfg, splits=audited, progress=progress)
     flip, padding = augmentation(cfg, audited)
     scores = canary_scores(fitted.model, can, views=cfg.mix.aug_multiplicity, padding=padding, flip=flip, seed=cfg.seed)
