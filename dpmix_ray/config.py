@@ -212,6 +212,10 @@ class SweepConfig(_Strict):
     final: FinalConfig = FinalConfig()
     baselines: list[Method] = Field(default_factory=list)
     synth: SynthConfig | None = None
+    # Where the sweep lives (dpmix_ray.storage): <storage>/<out dir name>. Not part of the sweep's identity
+    # (excluded from dumps, so from config_hash and the stored sweep.yaml): `--storage` and
+    # $DPMIX_RAY_STORAGE_PATH set the same thing.
+    storage: str | None = Field(None, exclude=True, description="s3://bucket/prefix (or a shared path) for Tune and the sweep's outputs")
 
     @field_validator("epsilons")
     @classmethod
