@@ -70,9 +70,9 @@ def p_value(*, epsilon: float, delta: float, canaries: int, guesses: int, correc
 def epsilon_lower_bound(*, delta: float, canaries: int, guesses: int, correct: int, confidence: float = CONFIDENCE) -> float:
     """The largest ε for which (ε, δ)-DP is rejected at ``confidence``; 0 when even ε = 0 is not.
 
-    Guarantee: if the training run were (ε, δ)-DP for some ε ≥ the returned value (to within 1e-6),
-    an outcome this good or better would have had probability ≤ 1 − confidence. It is a lower
-    bound on the run's true ε, never an upper bound.
+    Guarantee: if the training run were (ε, δ)-DP for any ε ≤ the returned value (bisected to 1e-6,
+    from below), an outcome this good or better would have had probability ≤ 1 − confidence. It
+    is a lower bound on the run's true ε at this δ, never an upper bound.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1) (got {confidence})")
