@@ -1,4 +1,4 @@
-"""``dpmix-ray``: train | plan | synth | sweep | report | check-cluster.
+"""``dpmix-ray``: train | plan | audit | synth | sweep | report | check-cluster.
 
 Every user-facing failure (DPMixError) is printed as one line on stderr with exit code 2, before
 anything is written. Heavy imports (torch models, Ray, diffusers) happen inside each command.
@@ -60,6 +60,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
     else:
         print(f"σ = {sigma:.4f}, {steps} steps ({steps * q:.2f} epochs) at q = {q:.4g}: "
               f"ε_spent = {spent:.4f} ≤ {args.epsilon:g} (δ = {args.delta:g}, {acct})")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from dpmix_ray.audit import run_audit
+    from dpmix_ray.config import load_train_config
+
+    cfg = load_train_config(args.config, args.set)
+    counts = {k: v for k, v in (("canaries", args.canaries), ("guesses", args.guesses)) if v is not None}
+    report = run_audit(cfg, **counts, progress=not args.json)
+    if not args.json:
+        claim = "no ε (non-private)" if report["epsilon"] is None else f"ε = {report['epsilon']:.3f}, δ = {report['delta']:g}"
+        print(f"  ε_lb = {report['epsilon_lower_bound']:.2f} at {report['confidence']:.0%} confidence ({report['correct']}/{report['guesses']} "
+              f"guesses right, {report['canaries']} canaries) for a run claiming {claim}; no black-box audit with "
+              f"{report['guesses']} guesses can show more than {report['max_provable_epsilon']:.2f}", file=sys.stderr)
+    _print_json(report)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -137,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
+
+    a = sub.add_parser("audit", help="one-run empirical privacy audit (a lower bound on ε) of a training config")
+    a.add_argument("config", nargs="?", default=None)
+    with_set(a)
+    a.add_argument("--canaries", type=int, help="m mislabelled canaries taken from the training split (default 1000)")
+    a.add_argument("--guesses", type=int, help="r guesses, half 'in', half 'out', fixed before the run (default 200)")
+    a.add_argument("--json", action="store_true", help="no progress bar or summary; only the JSON result line")
+    a.set_defaults(fn=cmd_audit)
 
     s = sub.add_parser("synth", help="generate (or reuse) a diffusion synthetic set with Ray Data")
     s.add_argument("config")
