@@ -46,11 +46,11 @@ from dpmix_ray.trainer import fit
 FIXED_RECIPE_TEST = {1.0: 0.819, 2.0: 0.910, 4.0: 0.939, 8.0: 0.950}
 BASE: dict[str, Any] = {
     "method": "dpmix_self", "data": {"name": "mnist5k"}, "model": {"name": "cnn_tiny"},
-    "mix": {"aug_multiplicity": 2, "self_mix": 1}, "optim": {"batch_size": 512, "epochs": 12.0, "lr": 2.0}, "device": "cpu",
+    "mix": {"aug_multiplicity": 2, "self_mix": 1}, "optim": {"batch_size": 256, "epochs": 6.0, "lr": 2.0}, "device": "cpu",
 }
-OLD_SPACE = {"optim.lr": {"loguniform": [0.25, 4.0]}, "optim.batch_size": {"choice": [256, 512]},
-             "optim.epochs": {"uniform": [3.0, 16.0]}, "mix.aug_multiplicity": {"int": [2, 3]}}
-NEW_SPACE = {"dp.tau": {"loguniform": [0.04, 0.25]}, "optim.batch_size": {"choice": [256, 512]},
+OLD_SPACE = {"optim.lr": {"loguniform": [0.25, 4.0]}, "optim.batch_size": {"choice": [128, 256, 512]},
+             "optim.epochs": {"uniform": [2.0, 12.0]}, "mix.aug_multiplicity": {"int": [2, 3]}}
+NEW_SPACE = {"dp.tau": {"loguniform": [0.04, 0.25]}, "optim.batch_size": {"choice": [128, 256, 512]},
              "dp.steps": {"int": [30, 120]}, "mix.aug_multiplicity": {"int": [2, 3]}}
 QUICK_BASE = BASE | {"data": {"name": "digits", "limit": 600}, "optim": {"batch_size": 128, "epochs": 2.0, "lr": 1.0}}
 QUICK_OLD = {"optim.lr": {"loguniform": [0.25, 4.0]}, "optim.epochs": {"uniform": [1.0, 3.0]}}

@@ -183,3 +183,30 @@ def test_report_command_rebuilds_both_halves(tmp_path: Path, capsys: pytest.Capt
     assert main(["report", str(tmp_path)]) == 0
     assert str(S.path(tmp_path, S.CURATOR_REPORT)) in capsys.readouterr().out and len(_release(tmp_path)) == 9
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_proxy_trials_are_labelled_everywhere_and_never_released(tmp_path: Path) -> None:
+    """A proxy search (TAN): the winner is a proxy, so the release is its recipe's first full-size final run."""
+    proxy = {"search": {"trials_per_epsilon": 3, "proxy": {"batch_size": 64}}, "baselines": [], "final": {"seeds": 2}}
+    records = []
+    for eps in (1, 4):
+        g = f"dpmix_self@eps={eps}"
+        records += [_rec(g, "search", i, "completed", v, proxy=True, trial_epsilon=40.0 * eps, test_accuracy=0.5)
+                    for i, v in enumerate((0.7, 0.8))]
+        records += [_rec(g, "final", k, "completed", 0.75 + k / 100, test_accuracy=0.9 + k / 100, params={"optim.lr": 1.5}) for k in range(2)]
+    _write_sweep(tmp_path, records, **proxy)
+    build_report(tmp_path)
+
+    doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))
+    row = doc["rows"][1]
+    assert row["released_run"] == "final run 0" and row["test_accuracy"] == pytest.approx(0.9) and row["val_accuracy"] == pytest.approx(0.75)
+    assert row["trial_epsilon"] == 4 and row["hyperparameters"] == {"optim.lr": 1.5, "optim.lr_schedule": "constant"}  # the proxy's recipe
+    assert "proxy trials" in row["guarantee"] and "proxy trials" in doc["privacy"] and "NOT covered" in doc["privacy"]
+    model = torch.load(S.path(tmp_path, S.released_model_name("dpmix_self@eps=4")), weights_only=True)
+    assert model["state_dict"]["w"].item() == pytest.approx(0.75)  # the final run's weights (its val stands in for them here)
+    trials = pd.read_parquet(S.path(tmp_path, S.TRIALS_TABLE))
+    search = trials[trials.phase == "search"]
+    assert search.proxy.all() and search.covers.str.startswith("PROXY: outside the sweep's guarantee (this run alone: ε=").all()
+    assert not trials[trials.phase == "final"].proxy.fillna(False).any()
+    page = S.read_text(tmp_path, S.CURATOR_REPORT)
+    assert "PROXY: outside" in page and "best score so far" in page and "proxy trials (not covered)" in page

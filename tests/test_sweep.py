@@ -472,10 +472,17 @@ run_sweep(cfg, out=sys.argv[2], address=sys.argv[3], progress=False)
 
 
 @pytest.mark.slow
-def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, local_ray: str) -> None:
+@pytest.mark.parametrize("search", ["plain", "proxies"])
+def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, local_ray: str, search: str) -> None:
+    """Killed mid-sweep and resumed: every slot runs once. With proxies (and the default seeds and transfer across ε, in τ
+    coordinates), search trials stay labelled proxies at their own ε, finals run at full size, no Optuna point repeats."""
     from dpmix_ray.sweep import run_sweep
 
-    cfg = sweep(base=TINY_BASE | {"optim": {"batch_size": 32, "epochs": 2, "lr": 1.0}})
+    over: dict[str, Any] = {} if search == "plain" else {
+        "space": {"dp.tau": {"loguniform": [0.05, 0.2]}, "dp.steps": {"int": [10, 20]}},
+        "search__proxy": {"batch_size": 16}, "search__sampler": "tpe",
+    }
+    cfg = sweep(base=TINY_BASE | {"optim": {"batch_size": 32, "epochs": 2, "lr": 1.0}}, **over)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, cfg.model_dump_json(), str(out), local_ray], start_new_session=True)
     deadline = time.time() + 300  # generous: a loaded 2-core machine starts Ray workers slowly
@@ -500,9 +507,18 @@ def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, 
         assert all(r["trial_seconds"] == again[0]["trial_seconds"] for r in again)
     assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c)  # + 1 final each
     db = f"sqlite:///{S.path(out, S.OPTUNA_FILE)}"
-    running = [t for s in optuna.get_all_study_summaries(db) for t in optuna.load_study(study_name=s.study_name, storage=db).trials
-               if t.state.name == "RUNNING"]
-    assert not running
+    studies = [optuna.load_study(study_name=s.study_name, storage=db) for s in optuna.get_all_study_summaries(db)]
+    assert not [t for st in studies for t in st.trials if t.state.name == "RUNNING"]
+    for st in studies:
+        assert st.trials[0].system_attrs.get("fixed_params")  # each study's first point: the seeded default recipe
+        ran = [json.dumps(t.params, sort_keys=True) for t in st.trials if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(ran) == len(set(ran))  # no point trained twice
+    if search == "proxies":
+        for r in records:
+            full = r["phase"] == "final"
+            assert r["proxy"] is not full and r["config"]["optim"]["batch_size"] == (32 if full else 16)
+            assert (r["trial_epsilon"] == r["epsilon"]) if full else (r["trial_epsilon"] > r["epsilon"] and r["epsilon_spent"] <= r["trial_epsilon"])
+        assert all(t.user_attrs["proxy"] for st in studies for t in st.trials if t.state.name == "COMPLETE")
 
 
 @pytest.mark.slow
