@@ -62,7 +62,7 @@ def strategies(args: argparse.Namespace) -> dict[str, SweepConfig]:
     base, old, new = (QUICK_BASE, QUICK_OLD, QUICK_NEW) if args.quick else (BASE, OLD_SPACE, NEW_SPACE)
     common = {"base": base, "epsilons": args.epsilons, "delta": 1e-5, "final": {"seeds": 0},
               "resources": {"cpu": 1}}
-    search = {"trials_per_epsilon": args.trials, "seed": args.seed}
+    search = {"trials_per_epsilon": args.trials, "seed": args.seed} | ({"grace": args.grace} if args.grace is not None else {})
     plain = {"warm_start": False, "transfer": False, "scheduler": "fifo"}
     out = {
         "tpe": {"space": old, "search": search | plain | {"sampler": "tpe"}},
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--proxy-trials", type=int, default=10, help="proxy trials per ε (new_proxy)")
     ap.add_argument("--proxy-batch", type=int, default=PROXY_BATCH)
     ap.add_argument("--new-scheduler", choices=["asha", "fifo"], default=None, help="override the sweep default for new/new_proxy")
+    ap.add_argument("--grace", type=float, default=None, help="override ASHA's grace period (fraction of a trial's steps)")
     ap.add_argument("--variants", nargs="+", default=["tpe", "random", "new", "new_proxy"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2)

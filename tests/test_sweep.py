@@ -573,6 +573,9 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
     assert epoch(bad8, 40, 0.1) == TrialScheduler.STOP  # worse than its own ε's rung
     assert epoch(lone1, 30, 0.05) == TrialScheduler.CONTINUE  # far worse, but alone at ε=1
     assert epoch(final, 30, 0.0) == TrialScheduler.CONTINUE  # final re-runs are never stopped
+    last = trial("f", "m@eps=8")
+    sched.on_trial_add(None, last)
+    assert epoch(last, 100, 0.1) == TrialScheduler.CONTINUE  # worse, but at its last step: its outcome is kept
     refused = flatten_dict(Outcome(Status.PRUNED).as_result())
     assert sched.on_trial_result(None, trial("e", "m@eps=1"), refused) == TrialScheduler.CONTINUE
     sched.on_trial_complete(None, lone1, flatten_dict(Outcome(Status.FAILED).as_result()))

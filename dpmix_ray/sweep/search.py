@@ -240,7 +240,9 @@ class GroupedScheduler(FIFOScheduler):
         asha = self._for(trial)
         if asha is None or not is_epoch_report(result):
             return TrialScheduler.CONTINUE
-        return asha.on_trial_result(tune_controller, trial, result)
+        decision = asha.on_trial_result(tune_controller, trial, result)  # the rung records the value either way
+        # A trial at its last step has spent its compute: stopping it would only throw its outcome away.
+        return TrialScheduler.CONTINUE if result.get(PROGRESS, 0.0) >= 100.0 else decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
         if (asha := self._for(trial)) is not None:
