@@ -108,6 +108,12 @@ class OptimConfig(_Strict):
     lr: float = Field(2.0, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="linear lr warm-up over this fraction of the steps")
+    ema: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="decay of an exponential moving average of the parameters (warmed up as min(ema, (1+t)/(10+t))); "
+        "validation, test and the released model use the average; null = off",
+    )
     physical_batch_size: int | None = Field(
         None, ge=1, description="augmented images per forward/backward chunk; null = choose from memory_cap_mb"
     )
