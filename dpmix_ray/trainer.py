@@ -9,6 +9,7 @@ privacy plan (σ or step count) is fixed before the first step, and a run over b
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from dpmix_ray import grads as G
@@ -26,6 +28,7 @@ from dpmix_ray.errors import DivergedError
 from dpmix_ray.mix import SyntheticPool, build_groups
 from dpmix_ray.models import assert_dp_compatible, build_model
 from dpmix_ray.privacy import Plan, epsilon_spent, plan_run, poisson_sample
+from dpmix_ray.recipe import ema_multi_avg_fn, lr_factor
 
 
 @dataclass
@@ -124,11 +127,12 @@ def train(
     pool = pool.to(device) if pool is not None else None
     params = G.trainable(model)
     opt = torch.optim.SGD(params.values(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.steps)
-        if cfg.optim.lr_schedule == "cosine"
-        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, total=plan.steps, warmup=cfg.optim.warmup, schedule=cfg.optim.lr_schedule)
     )
+    # The EMA averages the released noisy iterates (post-processing); evaluation and the result use it.
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.optim.ema)) if cfg.optim.ema is not None else None
+    released = ema.module if ema is not None else model
 
     rng = np.random.default_rng(cfg.seed)  # augmentations and mixing
     sampler = torch.Generator().manual_seed(cfg.seed + 1)  # Poisson sampling
@@ -140,6 +144,8 @@ def train(
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume_state["ema"])
         rng.bit_generator.state = resume_state["rng"]
         sampler.set_state(resume_state["sampler"])
         noise_gen.set_state(resume_state["noise"])
@@ -171,6 +177,7 @@ def train(
             "plan": plan.as_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "sampler": sampler.get_state(),
             "noise": noise_gen.get_state(), "step": step + 1, "images": images_seen, "seconds": train_seconds,
+            "ema": ema.state_dict() if ema is not None else None,
         })
 
     bar = tqdm(total=plan.steps, initial=start_step, disable=not progress, desc=cfg.method, unit="step", dynamic_ncols=True)
@@ -203,6 +210,8 @@ def train(
             p.grad = update[k]
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         train_seconds += time.perf_counter() - t0
         bar.update(1)
 
@@ -213,7 +222,7 @@ def train(
         if last_of_epoch:
             metrics = {
                 "train_loss": loss_sum / max(1, loss_count),
-                "val_accuracy": evaluate(model, splits.val, device),
+                "val_accuracy": evaluate(released, splits.val, device),
                 "epsilon_spent": _spent_so_far(cfg, plan, step + 1),
             }
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics['val_accuracy']:.3f}", eps=f"{metrics['epsilon_spent']:.2f}")
@@ -221,7 +230,9 @@ def train(
             if on_epoch is not None:
                 on_epoch(EpochReport(epoch=(step + 1 + steps_per_epoch - 1) // steps_per_epoch, step=step + 1, metrics=metrics, state=state))
     bar.close()
-    result = _result(cfg, plan, model, splits, device, images_seen, train_seconds)
+    result = _result(cfg, plan, released, splits, device, images_seen, train_seconds)
+    if ema is not None:  # the live iterate too, so one run shows what the average bought
+        result |= {"val_accuracy_live": evaluate(model, splits.val, device), "test_accuracy_live": evaluate(model, splits.test, device)}
     result["wall_seconds"] = time.perf_counter() - wall_start
     return result
 
