@@ -111,7 +111,7 @@ class OptimConfig(_Strict):
     warmup: float = Field(0.0, ge=0.0, lt=1.0, description="linear lr warm-up over this fraction of the steps")
     ema: float | None = Field(
         None, gt=0.0, lt=1.0,
-        description="decay of an exponential moving average of the parameters (warmed up as min(ema, (1+t)/(10+t))); "
+        description="decay of an exponential moving average of the parameters (debiased, as Adam's moments); "
         "validation, test and the released model use the average; null = off",
     )
     physical_batch_size: int | None = Field(

@@ -26,21 +26,24 @@ def lr_factor(step: int, *, total: int, warmup: float, schedule: str) -> float:
     return 1.0
 
 
-def ema_decay(decay: float, updates: int) -> float:
-    """The decay used at the ``updates``-th averaging step: min(decay, (1 + t)/(10 + t)).
+def ema_weight(decay: float, averaged: int) -> float:
+    """The weight of the new iterate when ``averaged`` iterates are already in the average.
 
-    The warm-up (as in TensorFlow's ``ExponentialMovingAverage(num_updates=…)``) keeps a short DP run
-    from averaging in its random init: with a constant 0.99, 0.99¹⁰⁰ = 37 % of the average after 100
-    steps would still be the first iterate."""
-    return min(decay, (1.0 + updates) / (10.0 + updates))
+    A debiased EMA (Adam's bias correction): the average of θ_1..θ_t with weights ∝ decay^(t−i),
+    normalised by 1 − decay^t, so the first iterate is not overweighted and the decay means the same
+    horizon (half-life ln 2/(1 − decay) steps) from the first step of a short DP run on. The plain
+    recursion from θ_1 would keep decay^T of it: 0.99¹⁰⁰ = 37 % of the average after 100 steps;
+    TensorFlow's warm-up min(decay, (1+t)/(10+t)) instead overrides any decay ≥ 0.9 for the first
+    80 steps, so the decay would not matter in a 100-step run."""
+    return (1.0 - decay) / (1.0 - decay ** (averaged + 1))
 
 
 def ema_multi_avg_fn(decay: float) -> Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], torch.Tensor], None]:
-    """``torch.optim.swa_utils.AveragedModel``'s ``multi_avg_fn`` for an EMA with :func:`ema_decay`'s warm-up
-    (torch's own ``get_ema_multi_avg_fn`` has a constant decay)."""
+    """``torch.optim.swa_utils.AveragedModel``'s ``multi_avg_fn`` for the debiased EMA of :func:`ema_weight`
+    (torch's own ``get_ema_multi_avg_fn`` is the plain recursion)."""
 
     @torch.no_grad()
     def update(averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        torch._foreach_lerp_(list(averaged), list(current), 1.0 - ema_decay(decay, int(num_averaged)))
+        torch._foreach_lerp_(list(averaged), list(current), ema_weight(decay, int(num_averaged)))
 
     return update

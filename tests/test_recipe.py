@@ -32,28 +32,34 @@ def test_lr_factor_warms_up_linearly_then_holds_or_decays():
     assert [R.lr_factor(t, total=5, warmup=0.0, schedule="constant") for t in range(5)] == [1.0] * 5
 
 
-def test_ema_decay_warms_up_then_saturates():
-    assert R.ema_decay(0.999, 0) == pytest.approx(0.1)
-    assert R.ema_decay(0.999, 90) == pytest.approx(91 / 100)
-    assert R.ema_decay(0.9, 10_000) == 0.9
+def test_ema_weight_is_the_debiased_average():
+    """After t iterates the average is Σ d^(t−i) θ_i / Σ d^(t−i): check the recursion against the sum."""
+    d, thetas = 0.9, [3.0, -1.0, 4.0, 1.5, -5.0]
+    avg = thetas[0]
+    for n, theta in enumerate(thetas[1:], start=1):
+        avg += R.ema_weight(d, n) * (theta - avg)
+    t = len(thetas)
+    weights = [d ** (t - 1 - i) for i in range(t)]
+    assert avg == pytest.approx(sum(w * x for w, x in zip(weights, thetas)) / sum(weights))
+    assert R.ema_weight(d, 10_000) == pytest.approx(1 - d)
 
 
-def test_averaged_model_with_ema_fn_matches_a_hand_written_ema():
+def test_averaged_model_with_ema_fn_is_the_debiased_ema():
     torch.manual_seed(0)
     net = nn.Linear(3, 2).double()
     ema = AveragedModel(net, multi_avg_fn=R.ema_multi_avg_fn(0.8))
-    ref = None
-    for t in range(30):
+    history = []
+    for _ in range(30):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
         ema.update_parameters(net)
-        now = [p.detach().clone() for p in net.parameters()]
-        d = R.ema_decay(0.8, t)  # AveragedModel passes how many updates it has averaged so far
-        ref = now if ref is None else [d * r + (1 - d) * p for r, p in zip(ref, now)]
-    for a, b in zip(ema.module.parameters(), ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(ref[0], now[0]), "the average lags the live weights"
+        history.append([p.detach().clone() for p in net.parameters()])
+    weights = [0.8 ** (len(history) - 1 - i) for i in range(len(history))]
+    for j, averaged in enumerate(ema.module.parameters()):
+        ref = sum(w * h[j] for w, h in zip(weights, history)) / sum(weights)
+        torch.testing.assert_close(averaged, ref, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ref, history[-1][-1]), "the average lags the live weights"
 
 
 def test_ema_is_post_processing_and_is_what_the_run_reports(digits):
