@@ -1,0 +1,105 @@
+"""The recipe studies on MNIST-5k (3,500 / 500 / 1,000), and their summaries.
+
+    python experiments/recipe_study.py run STUDY       # appends to experiments/results/recipe/STUDY.jsonl
+    python experiments/recipe_study.py show STUDY      # mean ± sd of val / test per config, best val first
+
+Every run is the trainer core with ``BASE`` plus the study's overrides; C = 1 throughout, so lr is
+lr·C. Selection reads validation accuracy only; test is reported beside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+OUT = HERE / "results" / "recipe"
+BASE = ["data.name=mnist5k", "privacy.clip_norm=1.0", "privacy.delta=1e-5", "privacy.accountant=rdp", "optim.momentum=0.0",
+        "device=cpu"]
+EPSILONS = (1, 2, 4, 8)
+
+
+def method(k: int, m: int) -> list[str]:
+    """The method name a (K, m) group implies."""
+    name = "dpsgd" if k == 1 else ("augmult" if m == 0 else "dpmix_self")
+    return [f"method={name}", f"mix.aug_multiplicity={k}", f"mix.self_mix={m}"]
+
+
+def grid(seeds: list[int], **axes: list[list[str]]) -> list[dict]:
+    """Every combination of the axes' override lists, each run on ``seeds``."""
+    return [{"overrides": BASE + [o for part in combo for o in part], "seeds": seeds} for combo in itertools.product(*axes.values())]
+
+
+def eps(*values: float) -> list[list[str]]:
+    return [[f"privacy.epsilon={e}"] for e in values]
+
+
+def one(key: str, *values: object) -> list[list[str]]:
+    return [[f"{key}={v}"] for v in values]
+
+
+STUDIES: dict[str, list[dict]] = {
+    # What EMA decay, on a quickstart-sized run (K=4, m=1, B=256, 6 epochs, lr 2): ~80 steps.
+    "ema": grid([0, 1], e=eps(1, 4), model=[["model.name=cnn_tiny"]], mix=[method(4, 1)],
+                b=one("optim.batch_size", 256), ep=one("optim.epochs", 6), lr=one("optim.lr", 2.0),
+                ema=one("optim.ema", 0.9, 0.95, 0.98, 0.99, 0.995)),
+    # How to spend ~100k image-gradients per run (3,500 examples × epochs × group size): K/m vs epochs,
+    # batch size and lr (C = 1), with an EMA (half-life 14 steps) reported beside the live iterate.
+    "alloc": [
+        *grid([0], e=eps(1, 4), model=[["model.name=cnn_tiny"]], mix=[method(1, 0)], b=one("optim.batch_size", 256, 512, 1024),
+              ep=one("optim.epochs", 12, 24, 48), lr=one("optim.lr", 2.0, 4.0), ema=one("optim.ema", 0.95)),
+        *grid([0], e=eps(1, 4), model=[["model.name=cnn_tiny"]], mix=[method(2, 1)], b=one("optim.batch_size", 256, 512, 1024),
+              ep=one("optim.epochs", 6, 12), lr=one("optim.lr", 2.0, 4.0), ema=one("optim.ema", 0.95)),
+        *grid([0], e=eps(1, 4), model=[["model.name=cnn_tiny"]], mix=[method(4, 1)], b=one("optim.batch_size", 256, 512, 1024),
+              ep=one("optim.epochs", 6), lr=one("optim.lr", 2.0, 4.0), ema=one("optim.ema", 0.95)),
+    ],
+}
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per config (overrides without the seed): mean and sd of val / test (EMA and live), runs, seconds."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if "error" not in r:
+            groups.setdefault(json.dumps(sorted(set(r["overrides"]) - set(BASE))), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        row = {"config": json.loads(key), "n": len(rs), "seconds": statistics.mean(r["seconds"] for r in rs),
+               "steps": rs[0]["steps"], "sigma": rs[0]["noise_multiplier"]}
+        for metric in ("val_accuracy", "test_accuracy", "val_accuracy_live", "test_accuracy_live"):
+            vals = [r[metric] for r in rs if r.get(metric) is not None]
+            if vals:
+                row[metric] = statistics.mean(vals)
+                row[metric + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["val_accuracy"])
+
+
+def show(study: str) -> None:
+    records = [json.loads(line) for line in (OUT / f"{study}.jsonl").read_text().splitlines() if line.strip()]
+    errors = [r for r in records if "error" in r]
+    for row in summarise(records):
+        live = f"  live {100 * row['val_accuracy_live']:.1f} / {100 * row['test_accuracy_live']:.1f}" if "val_accuracy_live" in row else ""
+        print(f"val {100 * row['val_accuracy']:5.1f} ± {100 * row['val_accuracy_sd']:3.1f}  test {100 * row['test_accuracy']:5.1f} ± "
+              f"{100 * row['test_accuracy_sd']:3.1f}{live}  n={row['n']} T={row['steps']} σ={row['sigma']:.2f} "
+              f"{row['seconds']:.0f}s  {' '.join(row['config'])}")
+    for r in errors:
+        print("ERROR", " ".join(r["overrides"]), r["error"])
+
+
+def run(study: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    configs = OUT / f"{study}.configs.json"
+    configs.write_text(json.dumps(STUDIES[study], indent=1))
+    sys.argv = ["recipe_runs.py", str(OUT / f"{study}.jsonl"), str(configs)]
+    sys.path.insert(0, str(HERE))
+    from recipe_runs import main
+
+    main()
+
+
+if __name__ == "__main__":
+    {"run": run, "show": show}[sys.argv[1]](sys.argv[2])
