@@ -80,3 +80,85 @@ def test_resume_with_ema_and_warmup_is_exact(digits):
     resumed = T.train(cfg, splits=digits, progress=False, resume_state=copy.deepcopy(states[0]))
     for key in ("val_accuracy", "test_accuracy", "val_accuracy_live", "test_accuracy_live"):
         assert resumed[key] == full[key], key
+
+
+# --------------------------------------------------------------------------- derived defaults
+
+
+def _tau(cfg, n: int) -> float:
+    """τ = lr·σC/B·√T of a resolved config, from the planner's own σ and T."""
+    from dpmix_ray.privacy import plan_run
+
+    plan = plan_run(cfg, n)
+    return cfg.optim.lr * plan.noise_multiplier * cfg.privacy.clip_norm / cfg.optim.batch_size * plan.steps**0.5
+
+
+@pytest.mark.parametrize("n, batch, epochs", [(3_500, 256, 12.0), (50_000, 1024, 45.4)])
+def test_defaults_scale_with_n(n, batch, epochs):
+    cfg = R.resolve(load_train_config(None, ["privacy.epsilon=3"]), n)
+    assert (cfg.optim.batch_size, cfg.optim.epochs) == (batch, epochs)
+    assert _tau(cfg, n) == pytest.approx(R.TAU, rel=1e-3)
+    assert 0 < cfg.optim.lr * cfg.privacy.clip_norm <= R.MAX_STEP
+
+
+def test_defaults_grow_with_n_and_respect_small_sets():
+    sizes = [500, 3_500, 20_000, 50_000, 1_000_000]
+    batches, epochs = [R.batch_size(n) for n in sizes], [R.epochs(n) for n in sizes]
+    assert batches == sorted(batches) and epochs == sorted(epochs) and batches[-1] == 4096
+    assert R.batch_size(100) == 25, "at most N/4: Poisson sampling at q ≤ 1/4"
+
+
+def test_lr_is_coupled_to_clip_norm_and_grows_with_epsilon():
+    at = {e: R.resolve(load_train_config(None, [f"privacy.epsilon={e}"]), 3_500).optim.lr for e in (1, 2, 4, 8)}
+    assert at[1] < at[2] < at[4] < at[8]
+    big_c = R.resolve(load_train_config(None, ["privacy.epsilon=2", "privacy.clip_norm=4"]), 3_500)
+    assert big_c.optim.lr * 4 == pytest.approx(at[2], rel=1e-3), "lr·C is what the rule fixes"
+
+
+def test_given_values_are_kept_and_sigma_keeps_its_meaning():
+    given = load_train_config(None, ["optim.batch_size=64", "optim.epochs=3", "optim.lr=0.7"])
+    assert R.resolve(given, 3_500) is given
+    sigma = R.resolve(load_train_config(None, ["privacy.noise_multiplier=2.0", "optim.batch_size=128"]), 3_500)
+    assert sigma.optim.epochs is None and sigma.optim.batch_size == 128, "σ given: the planner derives the steps"
+    assert _tau(sigma, 3_500) == pytest.approx(R.TAU, rel=1e-3)
+    nonprivate = R.resolve(load_train_config(None, ["method=nonprivate"]), 3_500)
+    assert nonprivate.optim.lr == R.NONPRIVATE_LR and nonprivate.optim.epochs == 12.0
+
+
+def test_config_leaves_derived_keys_null_but_still_refuses_sigma_with_epochs():
+    from dpmix_ray.errors import ConfigError
+
+    cfg = load_train_config(None)
+    assert (cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.lr) == (None, None, None)
+    with pytest.raises(ConfigError, match="both set"):
+        load_train_config(None, ["privacy.noise_multiplier=1.0", "optim.epochs=3"])
+
+
+def test_trainer_runs_and_records_the_derived_recipe(digits):
+    cfg = load_train_config(None, ["data.name=digits", "mix.aug_multiplicity=2", "mix.self_mix=1", "privacy.epsilon=8"])
+    res = T.train(cfg, splits=digits, progress=False)
+    n = len(digits.train)
+    assert res["batch_size"] == R.batch_size(n) and res["config"]["optim"]["epochs"] == R.epochs(n)
+    assert res["config"]["optim"]["lr"] == R.resolve(cfg, n).optim.lr and res["val_accuracy"] > 0.5
+
+
+# --------------------------------------------------------------------------- transfer across ε
+
+
+def test_transfer_keeps_tau_batch_and_steps():
+    found = {"optim.lr": 0.5, "optim.batch_size": 512, "optim.epochs": 24, "mix.aug_multiplicity": 2}
+    moved = R.transfer(found, 1, 4, 3_500)
+    assert {k: v for k, v in moved.items() if k != "optim.lr"} == {k: v for k, v in found.items() if k != "optim.lr"}
+    base = ["optim.batch_size=512", "optim.epochs=24"]
+    tau_from = _tau(load_train_config(None, [*base, "optim.lr=0.5", "privacy.epsilon=1"]), 3_500)
+    tau_to = _tau(load_train_config(None, [*base, f"optim.lr={moved['optim.lr']}", "privacy.epsilon=4"]), 3_500)
+    assert tau_to == pytest.approx(tau_from, rel=1e-3)
+    assert 2.5 < moved["optim.lr"] / 0.5 < 4, "σ ∝ ~1/ε at small ε: lr grows almost linearly (Panda et al.)"
+    assert R.transfer(moved, 4, 1, 3_500)["optim.lr"] == pytest.approx(0.5)
+
+
+def test_transfer_caps_the_step_leaves_derived_keys_and_refuses_sigma():
+    assert R.transfer({"optim.lr": 3.0, "optim.batch_size": 512, "optim.epochs": 24}, 1, 8, 3_500)["optim.lr"] == R.MAX_STEP
+    assert R.transfer({"mix.aug_multiplicity": 4}, 1, 8, 3_500) == {"mix.aug_multiplicity": 4}
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        R.transfer({"optim.lr": 1.0, "privacy.noise_multiplier": 2.0}, 1, 2, 3_500)
