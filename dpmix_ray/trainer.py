@@ -28,7 +28,7 @@ from dpmix_ray.errors import DivergedError
 from dpmix_ray.mix import SyntheticPool, build_groups
 from dpmix_ray.models import assert_dp_compatible, build_model
 from dpmix_ray.privacy import Plan, epsilon_spent, plan_run, poisson_sample
-from dpmix_ray.recipe import ema_multi_avg_fn, lr_factor
+from dpmix_ray.recipe import ema_multi_avg_fn, lr_factor, resolve
 
 
 @dataclass
@@ -116,6 +116,7 @@ def train(
     device = resolve_device(cfg.device)
     splits = splits or load_splits(cfg.data)
     n = len(splits.train)
+    cfg = resolve(cfg, n)  # null batch size / epochs / lr derived from N and ε; the result records them
     check_against_dataset(cfg, n)
     plan = plan_run(cfg, n)  # BudgetError here: nothing has run
 
