@@ -6,7 +6,8 @@ studies (which configs) live in ``recipe_study.py``; this file only runs them.
 
     python experiments/recipe_runs.py OUT.jsonl CONFIGS.json [--workers 2]
 
-CONFIGS.json: a list of ``{"overrides": [...], "seeds": [...]}``.
+CONFIGS.json: a list of ``{"overrides": [...], "seeds": [...]}``. ``--variants FILE.py`` registers that
+file's ``VARIANTS`` (name → model constructor) as extra ``model.name`` choices, for model studies.
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ def run_key(overrides: list[str], seed: int) -> str:
     return json.dumps([sorted(overrides), seed])
 
 
-def _init_worker() -> None:
+def _init_worker(variants: str | None) -> None:
     import torch
 
     os.nice(10)  # a shared machine: the experiments yield to interactive work
     torch.set_num_threads(1)
+    if variants:
+        import runpy
+
+        from dpmix_ray import models
+
+        models._SCRATCH.update(runpy.run_path(variants)["VARIANTS"])
 
 
 def run_one(overrides: list[str], seed: int) -> dict:
@@ -54,6 +61,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("configs", type=Path)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--variants", type=str, default=None)
     args = ap.parse_args()
     done = set()
     if args.out.exists():
@@ -62,7 +70,7 @@ def main() -> None:
     jobs = [j for j in jobs if run_key(*j) not in done]
     print(f"{len(jobs)} runs to do ({len(done)} done)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(args.workers, initializer=_init_worker) as pool, args.out.open("a") as f:
+    with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(args.variants,)) as pool, args.out.open("a") as f:
         futures = {pool.submit(run_one, o, s): (o, s) for o, s in jobs}
         for fut in as_completed(futures):
             o, s = futures[fut]

@@ -41,6 +41,29 @@ def one(key: str, *values: object) -> list[list[str]]:
     return [[f"{key}={v}"] for v in values]
 
 
+def sigma(epsilon: float, batch: int, epochs: float, n: int = 3_500) -> tuple[float, int]:
+    """The planner's σ and step count for a run (what the trainer will compute)."""
+    from dpmix_ray.privacy import calibrate_noise, steps_for_epochs
+
+    steps = steps_for_epochs(epochs, batch / n)
+    return calibrate_noise(epsilon=epsilon, delta=1e-5, sample_rate=batch / n, steps=steps), steps
+
+
+def tau_grid(seeds: list[int], epsilons: tuple[float, ...], mixes: list[tuple[int, int]], batches: tuple[int, ...],
+             epochs: tuple[float, ...], taus: tuple[float, ...], model: str = "cnn_tiny", ema_half_life: float = 0.1) -> list[dict]:
+    """Runs whose lr puts the noise's random walk at τ = lr·σC/B·√T per coordinate (C = 1), with an EMA
+    whose half-life is ``ema_half_life``·T steps."""
+    out = []
+    for e, (k, m), b, ep, tau in itertools.product(epsilons, mixes, batches, epochs, taus):
+        s, steps = sigma(e, b, ep)
+        lr = tau * b / (s * steps**0.5)
+        decay = 0.5 ** (1 / max(1.0, ema_half_life * steps))
+        out.append({"overrides": BASE + [f"model.name={model}", *method(k, m), f"privacy.epsilon={e}", f"optim.batch_size={b}",
+                                         f"optim.epochs={ep}", f"optim.lr={lr:.4g}", f"optim.ema={decay:.4g}"],
+                    "seeds": seeds, "tau": tau})
+    return out
+
+
 STUDIES: dict[str, list[dict]] = {
     # What EMA decay, on a quickstart-sized run (K=4, m=1, B=256, 6 epochs, lr 2): ~80 steps.
     "ema": grid([0, 1], e=eps(1, 4), model=[["model.name=cnn_tiny"]], mix=[method(4, 1)],
@@ -55,6 +78,16 @@ STUDIES: dict[str, list[dict]] = {
               ep=one("optim.epochs", 6, 12), lr=one("optim.lr", 2.0, 4.0), ema=one("optim.ema", 0.95)),
         *grid([0], e=eps(1, 4), model=[["model.name=cnn_tiny"]], mix=[method(4, 1)], b=one("optim.batch_size", 256, 512, 1024),
               ep=one("optim.epochs", 6), lr=one("optim.lr", 2.0, 4.0), ema=one("optim.ema", 0.95)),
+    ],
+    # The noise's random walk τ = lr·σC/B·√T as the lr axis (the alloc study collapsed to chance at
+    # τ ≳ 0.4): DP-SGD (K = 1) over batch size and epochs at ε = 1 and 4.
+    "tau": tau_grid([0], (1, 4), [(1, 0)], (256, 512, 1024, 2048), (6, 12, 24, 48), (0.05, 0.1, 0.2)),
+    # Group size against epochs at ~85k–175k image-gradients per run, around τ = 0.1 (the tau study's
+    # optimum at ε = 1 and 4); EMA half-life T/20.
+    "group": [
+        *tau_grid([0], (1, 4), [(1, 0)], (256, 512), (24, 48), (0.07, 0.1, 0.14), ema_half_life=0.05),
+        *tau_grid([0], (1, 4), [(2, 1)], (256, 512), (8, 16), (0.07, 0.1, 0.14), ema_half_life=0.05),
+        *tau_grid([0], (1, 4), [(4, 1)], (256, 512), (6, 10), (0.07, 0.1, 0.14), ema_half_life=0.05),
     ],
 }
 
@@ -94,7 +127,7 @@ def run(study: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     configs = OUT / f"{study}.configs.json"
     configs.write_text(json.dumps(STUDIES[study], indent=1))
-    sys.argv = ["recipe_runs.py", str(OUT / f"{study}.jsonl"), str(configs)]
+    sys.argv = ["recipe_runs.py", str(OUT / f"{study}.jsonl"), str(configs), "--variants", str(HERE / "cnn_variants.py")]
     sys.path.insert(0, str(HERE))
     from recipe_runs import main
 
