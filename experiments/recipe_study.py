@@ -82,13 +82,35 @@ STUDIES: dict[str, list[dict]] = {
     # The noise's random walk τ = lr·σC/B·√T as the lr axis (the alloc study collapsed to chance at
     # τ ≳ 0.4): DP-SGD (K = 1) over batch size and epochs at ε = 1 and 4.
     "tau": tau_grid([0], (1, 4), [(1, 0)], (256, 512, 1024, 2048), (6, 12, 24, 48), (0.05, 0.1, 0.2)),
-    # Group size against epochs at ~85k–175k image-gradients per run, around τ = 0.1 (the tau study's
-    # optimum at ε = 1 and 4); EMA half-life T/20.
+    # Group size against epochs at ~85k–175k image-gradients per run, at τ = 0.1 (the tau study's
+    # optimum at ε = 1 and 4) and 0.14; EMA half-life T/20. (Cut from three τ and two batch sizes
+    # when the shared machine ran ~5× slower than quiet; the first runs of the larger grid are kept.)
     "group": [
-        *tau_grid([0], (1, 4), [(1, 0)], (256, 512), (24, 48), (0.07, 0.1, 0.14), ema_half_life=0.05),
-        *tau_grid([0], (1, 4), [(2, 1)], (256, 512), (8, 16), (0.07, 0.1, 0.14), ema_half_life=0.05),
-        *tau_grid([0], (1, 4), [(4, 1)], (256, 512), (6, 10), (0.07, 0.1, 0.14), ema_half_life=0.05),
+        *tau_grid([0], (1, 4), [(1, 0)], (512,), (24, 48), (0.1, 0.14), ema_half_life=0.05),
+        *tau_grid([0], (1, 4), [(2, 1)], (512,), (8, 16), (0.1, 0.14), ema_half_life=0.05),
+        *tau_grid([0], (1, 4), [(4, 1)], (512,), (6, 10), (0.1, 0.14), ema_half_life=0.05),
     ],
+    # The model zoo under the same DP-SGD run (K = 1, B = 512, 24 epochs, T = 165), each at its best
+    # τ: cnn_tiny, the new cnn, the new cnn at half width, and the old cnn (experiments/cnn_variants.py).
+    "models": [
+        c for name in ("cnn", "cnn_narrow", "cnn_v0")
+        for c in tau_grid([0], (1, 4), [(1, 0)], (512,), (24,), (0.05, 0.1, 0.2), model=name, ema_half_life=0.05)
+    ],
+    # Second round: the strided design without weight standardisation, cnn_tiny at twice the width,
+    # and the new cnn at a smaller τ (its best in round one was the smallest tried).
+    "models2": [
+        c for name in ("cnn_plain_gn", "cnn_tiny_wide")
+        for c in tau_grid([0], (1, 4), [(1, 0)], (512,), (24,), (0.05, 0.1, 0.2), model=name, ema_half_life=0.05)
+    ] + tau_grid([0], (1, 4), [(1, 0)], (512,), (24,), (0.025,), model="cnn", ema_half_life=0.05),
+    # The non-private reference: plain SGD (no momentum, no clipping), K = 1, B = 256, 12 epochs.
+    "nonprivate": grid([0], model=[["model.name=cnn_tiny", "method=nonprivate", "mix.aug_multiplicity=1", "mix.self_mix=0"]],
+                       b=one("optim.batch_size", 256), ep=one("optim.epochs", 12, 24), lr=one("optim.lr", 0.1, 0.3, 1.0)),
+    # The derived default (batch size, epochs and lr null: recipe.resolve, τ = 0.1) on fresh seeds, for
+    # dpmix_self (K = 2, m = 1) and plain DP-SGD, with an EMA (half-life ~8 of the 165 steps).
+    "final": grid([1, 2, 3], e=eps(*EPSILONS), model=[["model.name=cnn_tiny"]], mix=[method(2, 1), method(1, 0)],
+                  ema=one("optim.ema", 0.92)),
+    # Transfer: τ = 0.1 was chosen at ε = 1 and 4; is it still the best τ at ε = 2 and 8?
+    "transfer": tau_grid([0], (2, 8), [(2, 1)], (256,), (12,), (0.07, 0.1, 0.14), ema_half_life=0.05),
 }
 
 
