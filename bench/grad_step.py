@@ -2,8 +2,9 @@
 
 Variants, each one logical step of B examples whose group is K self-augmentations (G = K):
 - ``nonprivate``: forward + backward of the mean loss (``summed_grads_nonprivate``), SGD update;
-- ``vmap`` (the reference path): ``per_example_grads_vmap`` + ``clip_and_sum`` + ``noisy_mean``, SGD update;
-- ``fast``: ``clipped_sum_fast`` (book-keeping, ghost norms where cheaper) + ``noisy_mean``, SGD update.
+- ``vmap`` (the reference path): ``per_example_grads_vmap``, then the mechanism's ``LogicalStep`` (clip,
+  sum, noise, ÷ B), SGD update;
+- ``fast``: ``bookkeeping.per_example`` (ghost norms where cheaper), then ``LogicalStep``, SGD update.
 
 Rows: cnn_tiny and cnn at 28×28×1 (B=64), wrn16_4 at 32×32×3 (B=8), K ∈ {1, 4, 16}.
 Time: median over interleaved repetitions (every variant once per round) of the CPU time of the
@@ -34,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
+from dpmix_ray import bookkeeping as BK
 from dpmix_ray import grads as G
+from dpmix_ray import mechanism as M
 from dpmix_ray.config import ModelConfig
 from dpmix_ray.models import build_model
 
@@ -57,11 +60,9 @@ def make_step(variant: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
             summed, _ = G.summed_grads_nonprivate(model, x, y)
             update = {k: s / b for k, s in summed.items()}
         else:
-            if variant == "vmap":
-                summed, _ = G.clip_and_sum(G.per_example_grads_vmap(model, x, y)[0], 1.0)
-            else:
-                summed = G.clipped_sum_fast(model, x, y, 1.0)[0]
-            update = G.noisy_mean(summed, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=b, generator=gen)
+            logical = M.LogicalStep(params, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=b, generator=gen)
+            logical.add(G.Materialised(*G.per_example_grads_vmap(model, x, y)) if variant == "vmap" else BK.per_example(model, x, y))
+            update = logical.release()
         for k, p in params.items():
             p.grad = update[k]
         opt.step()

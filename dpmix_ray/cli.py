@@ -63,11 +63,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from dpmix_ray.config import load_synth_config
-    from dpmix_ray.synth import generate
+    from dpmix_ray.config import load_data_config, load_synth_config
+    from dpmix_ray.synth import generate_for
 
     cfg = load_synth_config(args.config, args.set)
-    path = generate(cfg, progress=not args.json)
+    path = generate_for(cfg, load_data_config(args.config, args.set), progress=not args.json)
     _print_json({"synthetic_set": str(path)})
 
 
@@ -76,18 +76,27 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from dpmix_ray.sweep import run_sweep
 
     cfg = load_sweep_config(args.config, args.set)
+    if args.storage:
+        cfg = cfg.model_copy(update={"storage": args.storage})
     out = Path(args.out) if args.out else Path("results") / cfg.name
     print(run_sweep(cfg, out=out, resume=args.resume, address=args.address))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from dpmix_ray.report import build_report
+    from dpmix_ray.storage import fetch_remote_sweep, is_uri
+    from dpmix_ray.sweep import state
 
-    out = Path(args.dir)
-    if not out.is_dir():
-        raise ConfigError(f"{out}: no such sweep output directory")
-    build_report(out)
-    print(out / "report.html")
+    if is_uri(args.dir):  # a sweep on shared storage (s3://…): fetched, rebuilt, release/ and the report uploaded back
+        out, mirror = fetch_remote_sweep(args.dir)
+        build_report(out)
+        mirror.push()
+    else:
+        out = Path(args.dir)
+        if not out.is_dir():
+            raise ConfigError(f"{out}: no such sweep output directory")
+        build_report(out)
+    print(f"released: {state.path(out, state.RELEASE)}  curator only: {state.path(out, state.CURATOR_REPORT)}")
 
 
 def cmd_check_cluster(args: argparse.Namespace) -> None:
@@ -141,9 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--resume", action="store_true")
     sw.add_argument("--address", default=None, help="auto | ray://host:port (default: a local Ray)")
     sw.add_argument("--out", default=None, help="output dir (default results/<sweep name>)")
+    sw.add_argument("--storage", default=None, metavar="URI",
+                    help="shared storage, e.g. s3://bucket/sweeps: Tune's trials and a mirror of the output dir go to "
+                         "URI/<out dir name> (default: the config's storage, else $DPMIX_RAY_STORAGE_PATH, else local)")
     sw.set_defaults(fn=cmd_sweep)
 
-    r = sub.add_parser("report", help="rebuild tables, plot and report.html of a sweep output dir")
+    r = sub.add_parser("report", help="rebuild a sweep's release/ (table, plot, models) and curator/ report from its ledger (a dir or an s3://… sweep)")
     r.add_argument("dir")
     r.set_defaults(fn=cmd_report)
 

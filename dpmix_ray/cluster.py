@@ -91,7 +91,7 @@ def check_cluster(path: Path) -> list[str]:
     url = storage.group(1)
     if not url.startswith(_SHARED_SCHEMES):
         raise ConfigError(f"{path}: {STORAGE_ENV}={url}: a multi-node sweep needs shared storage (s3://, gs://, …), not a node-local path")
-    lines.append(f"shared storage_path: {url}")
+    lines.append(f"shared storage: {url}/<sweep out dir name> (Tune's trials + the mirrored output dir; dpmix_ray.storage)")
 
     images = [cfg.get("docker", {}).get(k) for k in ("image", "head_image", "worker_image")]
     for image in filter(None, images):

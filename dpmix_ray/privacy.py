@@ -1,4 +1,4 @@
-"""Privacy accounting and planning: pure functions over (σ, q, T, δ), plus Poisson sampling.
+"""Privacy accounting and planning: pure functions over (σ, q, T, δ), and what a run's guarantee covers.
 
 DP-Mix keeps every image of an example's group derived from that example (or public data), and
 clips the group's gradient once, so one example changes one clipped vector of norm ≤ C. The
@@ -16,7 +16,6 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 
-import torch
 from dp_accounting import dp_event, mechanism_calibration, rdp
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -127,12 +126,59 @@ def plan_run(cfg: TrainConfig, n_train: int) -> Plan:
     return Plan(sigma, q, steps, steps * q, spent, p.accountant)
 
 
-def poisson_sample(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson-sampled batch: each of the n examples joins independently with prob. q.
+def check_plan(plan: Plan, cfg: TrainConfig, n_train: int) -> None:
+    """Refuse (BudgetError) a plan that is not this config's on N examples, or that overspends.
 
-    The batch size is random (possibly 0); this is what the subsampled-Gaussian accounting assumes.
+    Checked: q = min(1, B/N), the accountant, σ (if the config fixes it), T (if it fixes the epochs),
+    and ε recomputed from (σ, q, T, δ) — never the plan's own claim — against the target.
     """
-    return torch.nonzero(torch.rand(n, generator=generator) < sample_rate, as_tuple=False).flatten()
+    q = min(1.0, cfg.optim.batch_size / n_train)
+    p = cfg.privacy
+    problems = []
+    if not math.isclose(plan.sample_rate, q, rel_tol=1e-12):
+        problems.append(f"sample rate {plan.sample_rate:.6g} is not B/N = {q:.6g}")
+    if plan.accountant != p.accountant:
+        problems.append(f"accountant {plan.accountant} is not the config's {p.accountant}")
+    if plan.steps < 1:
+        problems.append(f"{plan.steps} steps")
+    if cfg.optim.epochs is not None and plan.steps != steps_for_epochs(cfg.optim.epochs, q):
+        problems.append(f"{plan.steps} steps are not the config's {cfg.optim.epochs:g} epochs")
+    if cfg.is_private:
+        if p.noise_multiplier is not None and plan.noise_multiplier != p.noise_multiplier:
+            problems.append(f"σ={plan.noise_multiplier:g} is not the config's {p.noise_multiplier:g}")
+        if not plan.noise_multiplier > 0:
+            problems.append(f"σ={plan.noise_multiplier:g} adds no noise")
+        else:
+            spent = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+                                  delta=p.delta, accountant=p.accountant)
+            if not spent <= p.epsilon:
+                problems.append(f"it spends ε={spent:.6g} > target {p.epsilon:g}")
+            if not math.isclose(spent, plan.epsilon_spent, rel_tol=1e-9):
+                problems.append(f"it claims ε={plan.epsilon_spent:.6g} but spends {spent:.6g}")
+    if problems:
+        raise BudgetError(f"privacy plan refused for N={n_train}: " + "; ".join(problems))
+
+
+def private_run(cfg: TrainConfig) -> bool:
+    """Whether a run's (ε, δ) holds: a private method with secret mechanism randomness."""
+    return cfg.is_private and not cfg.privacy.reproducible
+
+
+def run_guarantee(cfg: TrainConfig, n_train: int) -> str:
+    """One line: what a single run's (ε, δ) covers, or why there is none."""
+    p = cfg.privacy
+    if not cfg.is_private:
+        return "NOT PRIVATE: method nonprivate neither clips nor adds noise"
+    if p.reproducible:
+        return (
+            f"NOT PRIVATE: privacy.reproducible is true, so the Poisson masks and the noise derive from the public "
+            f"seed {cfg.seed} and can be recomputed and removed; the nominal ε={p.epsilon:g} would need secret randomness"
+        )
+    return (
+        f"(ε={p.epsilon:g}, δ={p.delta:g})-DP ({p.accountant} accountant, add/remove one example) for the "
+        f"N={n_train} examples of the training split, for this one run; the validation and test splits are "
+        "held-out data, and what is computed on them (accuracies, selection) is not private"
+    )
 
 
 # --------------------------------------------------------------------------- tuning cost

@@ -1,13 +1,18 @@
-"""A sweep's outputs, rebuilt from its ledger alone: tables, plot, Parquet, one offline HTML page.
+"""A sweep's outputs, rebuilt from the curator's ledger alone: ``release/`` and ``curator/``.
 
-``dpmix-ray report DIR`` and the end of every sweep call :func:`build_report`; nothing here needs
-Ray or the trained models. Every output says which privacy guarantee its ε carries.
+``release/`` holds the best row per (method, ε), each with the guarantee that covers it, its model
+weights, and the table and plot of those rows: the selected search trial's own model, its own
+validation and test accuracy. Under ``per_trial`` a row also carries the test accuracy of the
+recipe's fresh-seed re-runs, labelled as such; under ``repeat_and_select`` those re-runs are not
+covered by ε, so they appear in ``curator/`` only, as do the trial counts and every other trial.
+``dpmix-ray report DIR`` and the end of every sweep call :func:`build_report`; nothing here needs Ray.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import statistics
@@ -17,45 +22,32 @@ from typing import Any
 import pandas as pd
 
 from dpmix_ray.config import SweepConfig
-from dpmix_ray.sweep.plan import Group, build_groups, guarantee, guarantee_label
-from dpmix_ray.sweep.state import CONFIG_FILE, LEDGER_FILE, OPTUNA_FILE, best_search_record, read_config, read_records, read_state
+from dpmix_ray.sweep import claims
+from dpmix_ray.sweep import state as S
+from dpmix_ray.sweep.plan import Group, build_groups
 
-BEST_STEM = "best_per_epsilon"
-PLOT_FILE = "accuracy_vs_epsilon.png"
-TRIALS_FILE = "trials.parquet"
-HTML_FILE = "report.html"
 _TRIAL_COLUMNS = (
     "trial_id", "group", "method", "epsilon", "delta", "phase", "index", "seed", "status", "reason", "val_accuracy",
     "test_accuracy", "epsilon_spent", "trial_epsilon", "search_epsilon", "noise_multiplier", "sample_rate", "steps",
-    "epochs", "accountant", "n_train", "trial_seconds", "wall_seconds", "images_per_second", "retries", "resumed_from_step",
+    "epochs", "accountant", "n_train", "private", "guarantee", "trial_seconds", "wall_seconds", "images_per_second", "retries", "resumed_from_step",
 )
+# What a released row holds: the selected trial's own results and data-independent plan figures. Never the
+# trial counts, other trials, timings or batch statistics (under repeat_and_select those are what ε does not cover).
+_RELEASED = (
+    "method", "epsilon", "delta", "private", "covers", "guarantee", "n_train", "hyperparameters", "val_accuracy",
+    "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs", "accountant", "trial_epsilon", "search_epsilon", "model",
+)
+_RERUNS = ("rerun_test_mean", "rerun_test_sd", "reruns")
 
 
-def privacy_statement(cfg: SweepConfig) -> str:
-    """The honest one-paragraph answer to "what does ε cover here?" (Papernot & Steinke 2022)."""
-    if cfg.tuning_privacy == "per_trial":
-        return (
-            "Privacy (tuning_privacy: per_trial): each ε covers ONE training run. The search trained several "
-            "configurations per ε and kept the best on validation accuracy; that selection is NOT covered, so the "
-            "released best model is not (ε, δ)-DP end to end. Use tuning_privacy: repeat_and_select for a guarantee "
-            "that includes the search."
-        )
-    return (
-        "Privacy (tuning_privacy: repeat_and_select): each ε covers the whole random search and the released best "
-        "model: random search with a random number of trials, every trial calibrated with dp_accounting's RDP "
-        "repeat-and-select event. 'trial ε' is what one trial spent; 'search ε' is the bound for the search. Not "
-        "covered: the per-trial logs (trials.parquet, trials.jsonl, optuna.db) are the curator's private records, and "
-        "each final re-run is one more (trial ε, δ) run of the chosen recipe."
-    )
-
-
-def _group_of(cfg: SweepConfig) -> dict[str, Group]:
-    return {g.key: g for g in build_groups(cfg)}
+def reruns_released(cfg: SweepConfig) -> bool:
+    """per_trial: a re-run is one more run covered alone, like every trial. repeat_and_select: ε does not cover them."""
+    return cfg.tuning_privacy == "per_trial"
 
 
 def trials_frame(cfg: SweepConfig, records: list[dict[str, Any]]) -> pd.DataFrame:
     """Every trial: identity, status and reason, metrics, privacy figures, hyperparameters (``param.*``), config JSON."""
-    groups = _group_of(cfg)
+    groups = {g.key: g for g in build_groups(cfg)}
     rows = []
     for r in records:
         g = groups.get(r["group"])
@@ -74,36 +66,49 @@ def trials_frame(cfg: SweepConfig, records: list[dict[str, Any]]) -> pd.DataFram
     return frame
 
 
-def best_rows(cfg: SweepConfig, records: list[dict[str, Any]], counts: dict[str, int]) -> list[dict[str, Any]]:
-    """One row per (method, ε): the best trial by validation accuracy and its fresh-seed test accuracy."""
-    rows = []
-    for g in build_groups(cfg):
-        mine = [r for r in records if r["group"] == g.key]
-        search = [r for r in mine if r["phase"] == "search"]
-        best = best_search_record(search)
-        tests = [r["test_accuracy"] for r in mine if r["phase"] == "final" and r["status"] == "completed" and r.get("test_accuracy") is not None]
-        by_status = {s: sum(1 for r in search if r["status"] == s) for s in ("completed", "stopped", "pruned", "failed")}
-        rows.append({
-            "method": g.method,
-            "epsilon": g.epsilon,
-            "delta": cfg.delta if g.epsilon is not None else None,
-            "guarantee": guarantee(cfg, g),
-            "covers": guarantee_label(cfg, g),
-            "trials_planned": counts.get(g.key),
-            **{f"trials_{s}": n for s, n in by_status.items()},
-            "best_trial": best["index"] if best else None,
-            "hyperparameters": best["params"] if best else None,
-            "val_accuracy": best["val_accuracy"] if best else None,
-            "test_accuracy_mean": statistics.fmean(tests) if tests else None,
-            "test_accuracy_sd": statistics.stdev(tests) if len(tests) > 1 else None,
-            "final_seeds": len(tests),
-            "noise_multiplier": best.get("noise_multiplier") if best else None,
-            "steps": best.get("steps") if best else None,
-            "epsilon_spent": best.get("epsilon_spent") if best else None,
-            "trial_epsilon": best.get("trial_epsilon") if best else None,
-            "search_epsilon": best.get("search_epsilon") if best else None,
-        })
-    return rows
+def _row(cfg: SweepConfig, g: Group, records: list[dict[str, Any]], state: S.SweepState) -> dict[str, Any]:
+    """Every figure of one (method, ε): the released ones (:data:`_RELEASED`) and the curator's."""
+    mine = [r for r in records if r["group"] == g.key]
+    search = [r for r in mine if r["phase"] == "search"]
+    best = S.best_search_record(search) or {}
+    tests = [r["test_accuracy"] for r in mine if r["phase"] == "final" and r["status"] == "completed" and r.get("test_accuracy") is not None]
+    n_train = best.get("n_train") or state.n_train
+    return {
+        "group": g.key, "method": g.method, "epsilon": g.epsilon, "delta": cfg.delta if g.epsilon is not None else None,
+        "private": claims.is_private(cfg, g), "covers": claims.label(cfg, g), "guarantee": claims.guarantee(cfg, g, n_train),
+        "n_train": n_train, "hyperparameters": best.get("params"),
+        **{k: best.get(k) for k in ("val_accuracy", "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs",
+                                    "accountant", "trial_epsilon", "search_epsilon")},
+        "model": None,
+        "rerun_test_mean": statistics.fmean(tests) if tests else None,
+        "rerun_test_sd": statistics.stdev(tests) if len(tests) > 1 else None,
+        "reruns": len(tests),
+        "trials_planned": state.counts.get(g.key),
+        **{f"trials_{s}": sum(1 for r in search if r["status"] == s) for s in ("completed", "stopped", "pruned", "failed")},
+        "best_trial": best.get("index"), "config": best.get("config"),
+    }
+
+
+def released(cfg: SweepConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """The part of a row that ``release/`` may hold."""
+    return {k: row[k] for k in _RELEASED + (_RERUNS if reruns_released(cfg) else ())}
+
+
+def _release_model(out: Path, row: dict[str, Any]) -> str | None:
+    """Copy the selected trial's weights from curator/ to release/, with the guarantee inside the file."""
+    import torch
+
+    if row["best_trial"] is None or not S.path(out, S.model_name(row["group"], row["best_trial"])).is_file():
+        return None
+    weights = torch.load(S.path(out, S.model_name(row["group"], row["best_trial"])), weights_only=True)["state_dict"]
+    buf = io.BytesIO()
+    torch.save({
+        "state_dict": weights, "guarantee": row["guarantee"], "private": row["private"], "epsilon": row["epsilon"],
+        "delta": row["delta"], "config": json.dumps(row["config"]),
+    }, buf)
+    name = S.released_model_name(row["group"])
+    S.write_file(out, name, buf.getvalue())
+    return name.removeprefix(f"{S.RELEASE}/")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -116,28 +121,40 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _display(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """The human table: accuracy as mean ± sd, counts as done/planned."""
+def _mean_sd(mean: float | None, sd: float | None, n: int) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + f" (n={n})"
+
+
+def _release_table(cfg: SweepConfig, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The human table of released rows."""
     out = []
     for r in rows:
-        test = "–" if r["test_accuracy_mean"] is None else f"{r['test_accuracy_mean']:.4f}"
-        if r["test_accuracy_sd"] is not None:
-            test += f" ± {r['test_accuracy_sd']:.4f}"
-        out.append({
-            "method": r["method"],
-            "ε": _fmt(r["epsilon"]),
-            "δ": _fmt(r["delta"]),
-            "ε covers": r["covers"],
-            "trials (completed/planned)": f"{r['trials_completed']}/{r['trials_planned']}",
-            "best hyperparameters": _fmt(r["hyperparameters"]),
-            "val acc": _fmt(r["val_accuracy"]),
-            f"test acc (n={max((x['final_seeds'] for x in rows), default=0)})": test,
-            "σ": _fmt(r["noise_multiplier"]),
-            "steps": _fmt(r["steps"]),
-            "ε_spent (1 trial)": _fmt(r["epsilon_spent"]),
-            "search ε": _fmt(r["search_epsilon"]),
-        })
+        row = {
+            "method": r["method"], "ε": _fmt(r["epsilon"]), "δ": _fmt(r["delta"]), "ε covers": r["covers"],
+            "hyperparameters": _fmt(r["hyperparameters"]), "val acc": _fmt(r["val_accuracy"]),
+            "test acc (released model)": _fmt(r["test_accuracy"]),
+        }
+        if reruns_released(cfg):
+            row["re-runs: test mean ± sd"] = _mean_sd(r["rerun_test_mean"], r["rerun_test_sd"], r["reruns"])
+        row |= {"σ": _fmt(r["noise_multiplier"]), "steps": _fmt(r["steps"]), "ε (one run)": _fmt(r["trial_epsilon"])}
+        if cfg.tuning_privacy == "repeat_and_select":
+            row["ε (search)"] = _fmt(r["search_epsilon"])
+        row["model"] = r["model"] or "–"
+        out.append(row)
     return pd.DataFrame(out)
+
+
+def _curator_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """What only the curator sees per row: trial counts, the selected trial, the recipe's re-runs."""
+    return pd.DataFrame([{
+        "method": r["method"], "ε": _fmt(r["epsilon"]),
+        "trials (completed/drawn)": f"{r['trials_completed']}/{r['trials_planned']}",
+        "stopped / pruned / failed": f"{r['trials_stopped']} / {r['trials_pruned']} / {r['trials_failed']}",
+        "selected trial": _fmt(r["best_trial"]),
+        "re-runs: test mean ± sd": _mean_sd(r["rerun_test_mean"], r["rerun_test_sd"], r["reruns"]),
+    } for r in rows])
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -147,90 +164,115 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], path: Path) -> None:
+def _plot(cfg: SweepConfig, rows: list[dict[str, Any]], n_train: int) -> bytes:
+    """Released rows only: each released model's test accuracy against ε (and, per_trial, the re-runs' mean ± sd)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method and r["test_accuracy"] is not None]
         if method == "nonprivate":
-            r = mine[0]
-            y = r["test_accuracy_mean"] if r["test_accuracy_mean"] is not None else r["val_accuracy"]
-            if y is not None:
-                ax.axhline(y, color="grey", linestyle="--", label="nonprivate" + (" (val)" if r["test_accuracy_mean"] is None else ""))
+            if mine:
+                ax.axhline(mine[0]["test_accuracy"], color="grey", linestyle="--", label=f"nonprivate ({claims.NOT_PRIVATE})")
             continue
-        tested = [r for r in mine if r["test_accuracy_mean"] is not None]
-        if tested:
+        if not mine:
+            continue
+        line = ax.plot([r["epsilon"] for r in mine], [r["test_accuracy"] for r in mine], marker="o", label=f"{method}: released model ({mine[0]['covers']})")
+        reruns = [r for r in mine if r.get("rerun_test_mean") is not None]
+        if reruns:
             ax.errorbar(
-                [r["epsilon"] for r in tested], [r["test_accuracy_mean"] for r in tested],
-                yerr=[r["test_accuracy_sd"] or 0.0 for r in tested], marker="o", capsize=3, label=f"{method} (test, mean ± sd)",
+                [r["epsilon"] for r in reruns], [r["rerun_test_mean"] for r in reruns], yerr=[r["rerun_test_sd"] or 0.0 for r in reruns],
+                fmt="_", markersize=8, capsize=3, color=line[0].get_color(), alpha=0.5, label=f"{method}: re-runs, mean ± sd",
             )
-        else:
-            val = [r for r in mine if r["val_accuracy"] is not None]
-            ax.plot([r["epsilon"] for r in val], [r["val_accuracy"] for r in val], marker="o", linestyle=":", label=f"{method} (best val)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(cfg.epsilons, [f"{e:g}" for e in cfg.epsilons])
-    ax.set_xlabel("ε" + (" (whole search)" if cfg.tuning_privacy == "repeat_and_select" else " (per trial; selection not covered)"))
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{cfg.name}: best recipe per ε (δ={cfg.delta:g})")
+    ax.set_xlabel(f"ε (δ={cfg.delta:g}) for the {n_train} training examples; val/test are held out, not private", fontsize=8)
+    ax.set_ylabel("test accuracy")
+    title = f"{cfg.name}: released model per ε"
+    ax.set_title(f"{claims.NOT_PRIVATE} (privacy.reproducible): {title}" if claims.reproducible(cfg) else title, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()
 
 
-def _html(cfg: SweepConfig, display: pd.DataFrame, trials: pd.DataFrame, plot: Path, out: Path, notes: list[str]) -> str:
-    img = base64.b64encode(plot.read_bytes()).decode()
+def _file_guide() -> str:
+    return "".join(f"<li><code>{html.escape(name)}</code>: {html.escape(what)}</li>" for name, what in S.FILES.items())
+
+
+def _html(cfg: SweepConfig, statement: str, release: pd.DataFrame, curator: pd.DataFrame, trials: pd.DataFrame, plot: bytes,
+          out: Path, notes: list[str]) -> str:
+    img = base64.b64encode(plot).decode()
     shown = [c for c in ("group", "phase", "index", "status", "reason", "val_accuracy", "test_accuracy", "epsilon_spent",
                          "trial_epsilon", "search_epsilon", "noise_multiplier", "steps", "trial_seconds", "params") if c in trials]
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;font-size:.85em}"
         "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}th{background:#f3f3f3}"
-        ".privacy{background:#fff6d6;border-left:4px solid #e0a800;padding:.6em 1em}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"
+        ".privacy{background:#fff6d6;border-left:4px solid #e0a800;padding:.6em 1em}"
+        ".curator{background:#fde8e8;border-left:4px solid #c0392b;padding:.6em 1em}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"
     )
+    db = S.path(out, S.OPTUNA_FILE)
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.name)}</title><style>{style}</style></head><body>"
-        f"<h1>Sweep {html.escape(cfg.name)}</h1>"
-        f"<p class='privacy'>{html.escape(privacy_statement(cfg))}</p>"
+        f"<h1>Sweep {html.escape(cfg.name)}: curator's report</h1>"
+        "<p class='curator'>This page is for the curator only: it shows every trial and the trial counts, which the "
+        f"guarantee does not cover. Publish only <code>{S.RELEASE}/</code>.</p>"
+        f"<p class='privacy'>{html.escape(statement)}</p>"
         + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-        + "<h2>Best recipe per ε</h2>"
-        + display.to_html(index=False, escape=True, na_rep="–")
-        + f"<p><img alt='accuracy vs epsilon' src='data:image/png;base64,{img}'></p>"
-        + "<h2>All trials</h2>"
+        + f"<h2>Which file is which</h2><ul>{_file_guide()}</ul>"
+        + f"<h2>Released: best recipe per ε (<code>{S.RELEASE_TABLE}.*</code>)</h2>"
+        + release.to_html(index=False, escape=True, na_rep="–")
+        + f"<p><img alt='released test accuracy vs epsilon' src='data:image/png;base64,{img}'></p>"
+        + "<h2>Curator only: counts, selected trial, re-runs</h2>"
+        + curator.to_html(index=False, escape=True, na_rep="–")
+        + "<h2>Curator only: all trials</h2>"
         + trials[shown].to_html(index=False, escape=True, na_rep="–", float_format=lambda v: f"{v:.4g}")
-        + f"<h2>Sweep config</h2><pre>{html.escape((out / CONFIG_FILE).read_text())}</pre>"
-        + f"<p>Optuna studies: <code>{OPTUNA_FILE}</code> (<code>optuna-dashboard sqlite:///{html.escape(str(out / OPTUNA_FILE))}</code>); "
-        f"ledger: <code>{LEDGER_FILE}</code>.</p></body></html>"
+        + f"<h2>Sweep config</h2><pre>{html.escape(S.read_text(out, S.CONFIG_FILE))}</pre>"
+        + f"<p>Optuna studies: <code>optuna-dashboard sqlite:///{html.escape(str(db))}</code>.</p></body></html>"
     )
 
 
 def build_report(out_dir: Path) -> None:
-    """Write best_per_epsilon.{csv,json,md}, trials.parquet, accuracy_vs_epsilon.png and report.html into ``out_dir``."""
+    """Rebuild ``release/`` (table, plot, models) and the curator's ``trials.parquet`` and ``report.html``."""
     out = Path(out_dir)
-    cfg, state, records = read_config(out), read_state(out), read_records(out)
-    rows = best_rows(cfg, records, state.counts)
-    notes = [] if state.finished else ["Sweep not finished: these are partial results (continue it with dpmix-ray sweep … --resume)."]
-    trials = trials_frame(cfg, records)
-    trials.to_parquet(out / TRIALS_FILE, index=False)
+    cfg, state, records = S.read_config(out), S.read_state(out), S.read_records(out)
+    rows = [_row(cfg, g, records, state) for g in build_groups(cfg)]
+    for row in rows:
+        row["model"] = _release_model(out, row)
+    kept = {f"{S.RELEASE}/{r['model']}" for r in rows if r["model"] is not None}
+    for name in S.list_files(out, S.RELEASE_MODELS):  # a row whose selection changed, or that has none now
+        if name not in kept:
+            S.remove(out, name)
 
-    pd.DataFrame([r | {"hyperparameters": json.dumps(r["hyperparameters"], sort_keys=True)} for r in rows]).to_csv(out / f"{BEST_STEM}.csv", index=False)
-    (out / f"{BEST_STEM}.json").write_text(json.dumps({
-        "sweep": cfg.name, "tuning_privacy": cfg.tuning_privacy, "privacy": privacy_statement(cfg), "finished": state.finished,
-        "rows": rows,
-    }, indent=1))
-    display = _display(rows)
-    md = [f"# {cfg.name}: best recipe per ε", "", privacy_statement(cfg), "", *[n + "\n" for n in notes], _markdown(display), ""]
-    (out / f"{BEST_STEM}.md").write_text("\n".join(md))
-    _plot(cfg, rows, out / PLOT_FILE)
-    (out / HTML_FILE).write_text(_html(cfg, display, trials, out / PLOT_FILE, out, notes))
+    statement = claims.statement(cfg, state.n_train)
+    notes = [] if state.finished else ["Sweep not finished: these are partial results (continue it with dpmix-ray sweep … --resume)."]
+    public = [released(cfg, r) for r in rows]
+    S.write_file(out, f"{S.RELEASE_TABLE}.csv", pd.DataFrame(
+        [r | {"hyperparameters": json.dumps(r["hyperparameters"], sort_keys=True)} for r in public]).to_csv(index=False))
+    S.write_file(out, f"{S.RELEASE_TABLE}.json", json.dumps(S.clean({
+        "sweep": cfg.name, "private": not claims.reproducible(cfg), "tuning_privacy": cfg.tuning_privacy, "privacy": statement,
+        "finished": state.finished, "rows": public,
+    }), indent=1, ensure_ascii=False))
+    release = _release_table(cfg, public)
+    md = [f"# {cfg.name}: released recipe per ε", "", statement, "", *[n + "\n" for n in notes], _markdown(release), "",
+          f"Model weights: `{S.RELEASE_MODELS}/` (each file holds its guarantee). Everything in `{S.CURATOR}/` is for the curator only.", ""]
+    S.write_file(out, f"{S.RELEASE_TABLE}.md", "\n".join(md))
+    plot = _plot(cfg, public, state.n_train)
+    S.write_file(out, S.RELEASE_PLOT, plot)
+
+    trials = trials_frame(cfg, records)
+    S.write_file(out, S.TRIALS_TABLE, trials.to_parquet(index=False))
+    S.write_file(out, S.CURATOR_REPORT, _html(cfg, statement, release, _curator_table(rows), trials, plot, out, notes))
 
 
 def summary_table(out_dir: Path) -> str:
-    """The closing summary printed after a sweep: the markdown table and the privacy statement."""
-    return (Path(out_dir) / f"{BEST_STEM}.md").read_text()
+    """The closing summary printed after a sweep: the released table with its privacy statement."""
+    out = Path(out_dir)
+    return S.read_text(out, f"{S.RELEASE_TABLE}.md") + f"\nCurator's report (every trial; do not publish): {S.path(out, S.CURATOR_REPORT)}\n"

@@ -1,9 +1,11 @@
-"""The one trainer core: every method, every CLI run, Tune trial, benchmark and test calls ``train``.
+"""The one trainer core: every method, every CLI run, Tune trial, benchmark and test calls ``fit``/``train``.
 
 nonprivate / dpsgd / augmult / dpmix_self / dpmix_diff are one loop with different group counts:
 private methods Poisson-sample each logical batch, form per-example gradients of the group-mean
-loss in physical chunks, clip each once, sum, add N(0, σ²C²) once, divide by q·N and step. The
-privacy plan (σ or step count) is fixed before the first step, and a run over budget never starts.
+loss in physical chunks, and hand them to the mechanism (``mechanism.LogicalStep``: clip each once,
+sum, add N(0, σ²C²) once, divide by q·N). The privacy plan (σ or step count) is fixed and checked
+before the first step, and a run over budget never starts. The data live on the training device
+from the start: a step copies nothing from the host.
 """
 
 from __future__ import annotations
@@ -15,19 +17,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from dpmix_ray import bookkeeping as BK
 from dpmix_ray import grads as G
+from dpmix_ray import mechanism as M
 from dpmix_ray.config import TrainConfig, check_against_dataset
 from dpmix_ray.data import ImageSet, Splits, load_splits
 from dpmix_ray.errors import DivergedError
-from dpmix_ray.mix import SyntheticPool, build_groups
+from dpmix_ray.mix import SyntheticPool, assemble, draw
 from dpmix_ray.models import assert_dp_compatible, build_model
-from dpmix_ray.privacy import Plan, epsilon_spent, plan_run, poisson_sample
+from dpmix_ray.privacy import Plan, check_plan, epsilon_spent, plan_run, private_run, run_guarantee
 from dpmix_ray.recipe import ema_multi_avg_fn, lr_factor, resolve
 
 
@@ -39,6 +42,14 @@ class EpochReport:
     step: int
     metrics: dict[str, float]
     state: Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A finished run: its result record and the trained model (eval mode; the audit scores canaries with it)."""
+
+    result: dict[str, Any]
+    model: nn.Module
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,7 +68,7 @@ def examples_per_chunk(cfg: TrainConfig, model: nn.Module, image_shape: tuple[in
     g = cfg.mix.group_size
     if cfg.optim.physical_batch_size is not None:
         return max(1, cfg.optim.physical_batch_size // g)
-    fixed, per_example = G.step_memory(model, image_shape, g, private=cfg.is_private)
+    fixed, per_example = G.step_memory(model, image_shape, g, private=cfg.is_private, fast=BK.supports(model))
     return max(1, int((cfg.optim.memory_cap_mb * 2**20 - fixed) // per_example))
 
 
@@ -79,14 +90,25 @@ def augmentation(cfg: TrainConfig, splits: Splits) -> tuple[bool, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch: int = 1024) -> float:
+def evaluate(model: nn.Module, data: ImageSet, batch: int = 1024) -> float:
+    """Accuracy on ``data``, which lives on the model's device (one host sync at the end)."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=data.y.device)
     for i in range(0, len(data), batch):
-        logits = model(data.x[i : i + batch].to(device))
-        correct += int((logits.argmax(1).cpu() == data.y[i : i + batch]).sum())
+        correct += (model(data.x[i : i + batch]).argmax(1) == data.y[i : i + batch]).sum()
     model.train()
-    return correct / max(1, len(data))
+    return int(correct) / max(1, len(data))
+
+
+def per_example_source(model: nn.Module, per_example_fn: G.PerExampleFn | None = None) -> Callable[[torch.Tensor, torch.Tensor], M.PerExample]:
+    """What produces a chunk's per-example norms and weighted sum: the book-keeping accelerator when a
+    rule covers every trainable layer (its layers scanned once), else vmap; a given ``per_example_fn``
+    (the microbatch reference, a test's stand-in) is materialised as it is."""
+    layers = BK.fast_layers(model) if per_example_fn is None else None
+    if layers is not None:
+        return lambda imgs, tgts: BK.per_example(model, imgs, tgts, layers)
+    fn = per_example_fn or G.per_example_grads_vmap
+    return lambda imgs, tgts: G.Materialised(*fn(model, imgs, tgts))
 
 
 def _synthetic_pool(cfg: TrainConfig, splits: Splits, progress: bool) -> SyntheticPool | None:
@@ -96,21 +118,27 @@ def _synthetic_pool(cfg: TrainConfig, splits: Splits, progress: bool) -> Synthet
 
     s = resolve_synthetic(
         cfg.mix.synthetic, cfg.synth, class_names=splits.class_names, channels=splits.channels,
-        image_size=splits.image_size, progress=progress,
+        image_size=splits.image_size, private=cfg.data.name, is_public=cfg.mix.synthetic_is_public, progress=progress,
     )
     return SyntheticPool.from_tensors(s.x, s.y, splits.num_classes)
 
 
-def train(
+def fit(
     cfg: TrainConfig,
+    plan: Plan | None = None,
     *,
     on_epoch: Callable[[EpochReport], None] | None = None,
     resume_state: dict[str, Any] | None = None,
     progress: bool = True,
     splits: Splits | None = None,
     per_example_fn: G.PerExampleFn | None = None,
-) -> dict[str, Any]:
-    """Train one config end to end and return its result record (see ``result`` keys below)."""
+) -> Fitted:
+    """Train one config end to end: its result record (see :func:`_result`) and the trained model.
+
+    ``plan``: the privacy plan (σ or T, q); None plans here, a given one is checked against the config
+    and N. Either way a run over budget raises BudgetError before anything is built. A resumed
+    default run continues with fresh secret randomness; only a reproducible run resumes bit for bit.
+    """
     wall_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -118,12 +146,14 @@ def train(
     n = len(splits.train)
     cfg = resolve(cfg, n)  # null batch size / epochs / lr derived from N and ε; the result records them
     check_against_dataset(cfg, n)
-    plan = plan_run(cfg, n)  # BudgetError here: nothing has run
+    plan = plan if plan is not None else plan_run(cfg, n)
+    check_plan(plan, cfg, n)  # BudgetError here: nothing has run
 
     model = build_model(cfg.model, in_channels=splits.channels, num_classes=splits.num_classes, image_size=splits.image_size)
     if cfg.is_private:
         assert_dp_compatible(model)
     model.to(device).train()
+    train_set, val_set, test_set = (ImageSet(s.x.to(device), s.y.to(device)) for s in (splits.train, splits.val, splits.test))
     pool = _synthetic_pool(cfg, splits, progress)
     pool = pool.to(device) if pool is not None else None
     params = G.trainable(model)
@@ -135,10 +165,9 @@ def train(
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.optim.ema)) if cfg.optim.ema is not None else None
     released = ema.module if ema is not None else model
 
-    rng = np.random.default_rng(cfg.seed)  # augmentations and mixing
-    sampler = torch.Generator().manual_seed(cfg.seed + 1)  # Poisson sampling
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # DP noise
-    start_step, images_seen, train_seconds = 0, 0, 0.0
+    augment = torch.Generator(device=device).manual_seed(M.derive_seed(cfg.seed, "augment"))  # public: crops, flips, λ
+    rand = M.Randomness.secret_on(device) if private_run(cfg) else M.Randomness.from_seed(cfg.seed, device)
+    start_step, train_seconds = 0, 0.0
     if resume_state is not None:
         if resume_state["plan"] != plan.as_dict():
             raise ValueError("resume state belongs to a different privacy plan")
@@ -147,17 +176,17 @@ def train(
         sched.load_state_dict(resume_state["scheduler"])
         if ema is not None:
             ema.load_state_dict(resume_state["ema"])
-        rng.bit_generator.state = resume_state["rng"]
-        sampler.set_state(resume_state["sampler"])
-        noise_gen.set_state(resume_state["noise"])
-        start_step, images_seen, train_seconds = resume_state["step"], resume_state["images"], resume_state["seconds"]
+        augment.set_state(resume_state["augment"])
+        rand.load_state(resume_state["mechanism"])
+        start_step, train_seconds = resume_state["step"], resume_state["seconds"]
 
     flip, padding = augmentation(cfg, splits)
-    mix_kwargs = dict(
-        num_classes=splits.num_classes, k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix, n=cfg.mix.diff_mix,
-        alpha=cfg.mix.alpha, padding=padding, flip=flip, synthetic=pool,
+    draw_kwargs = dict(
+        image_hw=(splits.train.x.shape[2], splits.train.x.shape[3]), k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix,
+        n=cfg.mix.diff_mix, alpha=cfg.mix.alpha, padding=padding, flip=flip, gen=augment, synthetic=pool,
         same_class=cfg.mix.diff_pairing == "same_class",
     )
+    source = per_example_source(model, per_example_fn)
     chunk = examples_per_chunk(cfg, model, tuple(splits.train.x.shape[1:]))
     steps_per_epoch = max(1, round(1 / plan.sample_rate))
     perm: torch.Tensor | None = None
@@ -165,48 +194,48 @@ def train(
     def batch_indices(step: int) -> torch.Tensor:
         nonlocal perm
         if cfg.is_private:
-            return poisson_sample(n, plan.sample_rate, sampler)
+            return M.poisson_sample(n, plan.sample_rate, rand.sampler)
         # Non-private reference: shuffled fixed-size batches, one permutation per epoch.
         pos = (step % steps_per_epoch) * cfg.optim.batch_size
         if perm is None or step % steps_per_epoch == 0:
-            perm = torch.randperm(n, generator=sampler)
+            perm = torch.randperm(n, generator=rand.sampler, device=device)
         return perm[pos : pos + cfg.optim.batch_size]
 
     def state() -> dict[str, Any]:
-        """A deep copy: training goes on mutating the live tensors."""
+        """A deep copy (training goes on mutating the live tensors); secret randomness is not in it."""
         return copy.deepcopy({
             "plan": plan.as_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": rng.bit_generator.state, "sampler": sampler.get_state(),
-            "noise": noise_gen.get_state(), "step": step + 1, "images": images_seen, "seconds": train_seconds,
-            "ema": ema.state_dict() if ema is not None else None,
+            "scheduler": sched.state_dict(), "augment": augment.get_state(), "mechanism": rand.state(),
+            "step": step + 1, "seconds": train_seconds, "ema": ema.state_dict() if ema is not None else None,
         })
 
     bar = tqdm(total=plan.steps, initial=start_step, disable=not progress, desc=cfg.method, unit="step", dynamic_ncols=True)
-    loss_sum, loss_count = 0.0, 0
+    # The training loss is reported for non-private runs only: it is computed on private data, unnoised.
+    loss_sum, loss_count = torch.zeros((), device=device), 0
     step = start_step - 1
     for step in range(start_step, plan.steps):
         t0 = time.perf_counter()
         idx = batch_indices(step)
-        summed: G.Grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        if cfg.is_private:
+            logical = M.LogicalStep(params, clip_norm=cfg.privacy.clip_norm, noise_multiplier=plan.noise_multiplier,
+                                    expected_batch_size=plan.sample_rate * n, generator=rand.noise)
+        else:
+            summed: M.Grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        labels = train_set.y[idx]
+        draws = draw(labels, **draw_kwargs)  # for the whole batch: chunking does not change the groups
         for lo in range(0, len(idx), chunk):
             sel = idx[lo : lo + chunk]
-            imgs, tgts = build_groups(splits.train.x[sel].to(device), splits.train.y[sel].to(device), rng=rng, **mix_kwargs)
+            imgs, tgts = assemble(train_set.x[sel], labels[lo : lo + chunk], draws[lo : lo + chunk],
+                                  num_classes=splits.num_classes, padding=padding, synthetic=pool)
             if cfg.is_private:
-                part, losses = G.clipped_sum(model, imgs, tgts, clip_norm=cfg.privacy.clip_norm, per_example_fn=per_example_fn)
+                logical.add(source(imgs, tgts))
             else:
                 part, losses = G.summed_grads_nonprivate(model, imgs, tgts)
-            for k in summed:
-                summed[k] += part[k]
-            loss_sum += float(losses.sum())
-            loss_count += len(sel)
-            images_seen += imgs.shape[0] * imgs.shape[1]
-        if cfg.is_private:
-            update = G.noisy_mean(
-                summed, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
-                expected_batch_size=plan.sample_rate * n, generator=noise_gen,
-            )
-        else:
-            update = {k: s / max(1, len(idx)) for k, s in summed.items()}
+                for k in summed:
+                    summed[k] += part[k]
+                loss_sum += losses.sum()
+                loss_count += len(sel)
+        update = logical.release() if cfg.is_private else {k: s / max(1, len(idx)) for k, s in summed.items()}
         for k, p in params.items():
             p.grad = update[k]
         opt.step()
@@ -215,27 +244,39 @@ def train(
             ema.update_parameters(model)
         train_seconds += time.perf_counter() - t0
         bar.update(1)
-
-        last_of_epoch = (step + 1) % steps_per_epoch == 0 or step + 1 == plan.steps
-        if loss_count and not math.isfinite(loss_sum):
+        if not bool(torch.stack([p.isfinite().all() for p in params.values()]).all()):
             bar.close()
-            raise DivergedError(f"training diverged at step {step + 1}: loss is {loss_sum / loss_count}")
-        if last_of_epoch:
-            metrics = {
-                "train_loss": loss_sum / max(1, loss_count),
-                "val_accuracy": evaluate(released, splits.val, device),
-                "epsilon_spent": _spent_so_far(cfg, plan, step + 1),
-            }
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics['val_accuracy']:.3f}", eps=f"{metrics['epsilon_spent']:.2f}")
-            loss_sum, loss_count = 0.0, 0
+            raise DivergedError(f"training diverged at step {step + 1}: a parameter is not finite")
+
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == plan.steps:
+            metrics = {"val_accuracy": evaluate(released, val_set), "epsilon_spent": _spent_so_far(cfg, plan, step + 1)}
+            if not cfg.is_private:
+                metrics["train_loss"] = float(loss_sum) / max(1, loss_count)
+                loss_sum.zero_()
+                loss_count = 0
+            bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
             if on_epoch is not None:
                 on_epoch(EpochReport(epoch=(step + 1 + steps_per_epoch - 1) // steps_per_epoch, step=step + 1, metrics=metrics, state=state))
     bar.close()
-    result = _result(cfg, plan, released, splits, device, images_seen, train_seconds)
+    result = _result(cfg, plan, released, val_set, test_set, n, device, train_seconds)
     if ema is not None:  # the live iterate too, so one run shows what the average bought
-        result |= {"val_accuracy_live": evaluate(model, splits.val, device), "test_accuracy_live": evaluate(model, splits.test, device)}
+        result |= {"val_accuracy_live": evaluate(model, val_set), "test_accuracy_live": evaluate(model, test_set)}
     result["wall_seconds"] = time.perf_counter() - wall_start
-    return result
+    return Fitted(result, released.eval())
+
+
+def train(
+    cfg: TrainConfig,
+    plan: Plan | None = None,
+    *,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    resume_state: dict[str, Any] | None = None,
+    progress: bool = True,
+    splits: Splits | None = None,
+    per_example_fn: G.PerExampleFn | None = None,
+) -> dict[str, Any]:
+    """:func:`fit`'s result record alone."""
+    return fit(cfg, plan, on_epoch=on_epoch, resume_state=resume_state, progress=progress, splits=splits, per_example_fn=per_example_fn).result
 
 
 def _spent_so_far(cfg: TrainConfig, plan: Plan, steps: int) -> float:
@@ -246,16 +287,18 @@ def _spent_so_far(cfg: TrainConfig, plan: Plan, steps: int) -> float:
     )
 
 
-def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, splits: Splits, device: torch.device, images: int, seconds: float) -> dict[str, Any]:
-    spent = plan.epsilon_spent
-    if cfg.is_private:
-        assert spent <= cfg.privacy.epsilon, f"ε_spent {spent} exceeds target {cfg.privacy.epsilon}"
+def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, val: ImageSet, test: ImageSet, n_train: int, device: torch.device, seconds: float) -> dict[str, Any]:
+    """The run's record. ``private`` and ``guarantee`` say what its ε covers; ``images_per_second`` counts
+    the *expected* images, T·q·N·G (the realised count is a function of the secret Poisson masks)."""
+    images = plan.steps * plan.sample_rate * n_train * cfg.mix.group_size
     return {
         "method": cfg.method,
-        "val_accuracy": evaluate(model, splits.val, device),
-        "test_accuracy": evaluate(model, splits.test, device),
+        "private": private_run(cfg),
+        "guarantee": run_guarantee(cfg, n_train),
+        "val_accuracy": evaluate(model, val),
+        "test_accuracy": evaluate(model, test),
         "epsilon_target": cfg.privacy.epsilon if cfg.is_private else None,
-        "epsilon_spent": spent if cfg.is_private else None,
+        "epsilon_spent": plan.epsilon_spent if cfg.is_private else None,
         "delta": cfg.privacy.delta if cfg.is_private else None,
         "accountant": plan.accountant,
         "noise_multiplier": plan.noise_multiplier,
@@ -268,7 +311,7 @@ def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, splits: Splits, devi
         "self_mix": cfg.mix.self_mix,
         "diff_mix": cfg.mix.diff_mix,
         "seed": cfg.seed,
-        "n_train": len(splits.train),
+        "n_train": n_train,
         "device": str(device),
         "images_per_second": images / seconds if seconds > 0 else 0.0,
         "config": cfg.model_dump(mode="json"),

@@ -1,4 +1,4 @@
-"""The mechanism itself: per-example gradients, clipping, sensitivity on neighbouring datasets, noise."""
+"""Per-example gradients of the group-mean loss, and the sensitivity of their clipped sum on neighbouring datasets."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,9 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from dpmix_ray import grads as G
+from dpmix_ray import mechanism as M
 from dpmix_ray.mix import SyntheticPool, build_groups, soft_cross_entropy
+from dpmix_ray.trainer import per_example_source
 
 CLASSES = 3
 
@@ -27,11 +29,23 @@ def random_groups(b: int, k: int, m: int, n: int, seed: int, scale: float = 1.0)
     y = torch.randint(0, CLASSES, (b,), generator=gen)
     pool = SyntheticPool.from_tensors(torch.rand(12, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(12) % CLASSES, CLASSES)
     return build_groups(x, y, num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
-                        rng=np.random.default_rng(seed), synthetic=pool if n else None)
+                        gen=torch.Generator().manual_seed(seed), synthetic=pool if n else None)
 
 
-def flat(grads: G.Grads) -> torch.Tensor:
+def flat(grads: M.Grads) -> torch.Tensor:
     return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+
+
+def clip_and_sum(per: M.Grads, clip: float) -> tuple[M.Grads, torch.Tensor]:
+    """The mechanism's clipped sum of materialised per-example gradients, and their norms."""
+    source = G.Materialised(per, torch.zeros(len(next(iter(per.values())))))
+    return M.clipped_sum(source, clip), source.norms
+
+
+def noisy_mean(per: M.Grads, model: nn.Module, clip: float, sigma: float, expected: float) -> M.Grads:
+    step = M.LogicalStep(G.trainable(model), clip_norm=clip, noise_multiplier=sigma, expected_batch_size=expected, generator=torch.Generator())
+    step.add(G.Materialised(per, torch.zeros(len(next(iter(per.values()))))))
+    return step.release()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -66,10 +80,10 @@ def test_neighbouring_datasets_change_the_clipped_sum_by_at_most_C(seed):
     model = tiny_model()
     imgs, tgts = random_groups(6, k, m, n, seed, scale=float(rng.uniform(1, 50)))
     per, _ = G.per_example_grads_vmap(model, imgs, tgts)
-    full, norms = G.clip_and_sum(per, clip)
+    full, norms = clip_and_sum(per, clip)
     for drop in range(6):
         keep = [i for i in range(6) if i != drop]
-        neighbour, _ = G.clip_and_sum({kk: v[keep] for kk, v in per.items()}, clip)
+        neighbour, _ = clip_and_sum({kk: v[keep] for kk, v in per.items()}, clip)
         diff = torch.cat([(full[kk] - neighbour[kk]).flatten() for kk in full]).norm()
         assert diff <= clip * (1 + 1e-9)
         if norms[drop] > clip:
@@ -83,10 +97,10 @@ def test_a_group_depends_only_on_its_own_example():
     y = torch.tensor([0, 1, 2, 0])
     pool = SyntheticPool.from_tensors(torch.rand(9, 1, 8, 8, generator=gen), torch.arange(9) % 3, 3)
     kw = dict(num_classes=3, k=4, m=3, n=2, alpha=0.2, padding=2, flip=True, synthetic=pool)
-    a, ta = build_groups(x, y, rng=np.random.default_rng(0), **kw)
+    a, ta = build_groups(x, y, gen=torch.Generator().manual_seed(0), **kw)
     x2 = x.clone()
     x2[2] = torch.rand(1, 8, 8, generator=gen)
-    b, tb = build_groups(x2, y, rng=np.random.default_rng(0), **kw)
+    b, tb = build_groups(x2, y, gen=torch.Generator().manual_seed(0), **kw)
     for i in (0, 1, 3):
         assert torch.equal(a[i], b[i]) and torch.equal(ta[i], tb[i])
     assert not torch.equal(a[2], b[2])
@@ -98,8 +112,7 @@ def test_k1_equals_plain_opacus_dpsgd():
     imgs, tgts = random_groups(8, 1, 0, 0, 11, scale=20.0)
     clip, b = 0.05, 8
     per, _ = G.per_example_grads_vmap(model, imgs, tgts)
-    summed, _ = G.clip_and_sum(per, clip)
-    ours = G.noisy_mean(summed, noise_multiplier=0.0, clip_norm=clip, expected_batch_size=b, generator=None)
+    ours = noisy_mean(per, model, clip, 0.0, b)
 
     ref_model = GradSampleModule(tiny_model())
     opt = DPOptimizer(torch.optim.SGD(ref_model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=b)
@@ -114,20 +127,10 @@ def test_no_clipping_no_noise_equals_nonprivate_sgd():
     model = tiny_model()
     imgs, tgts = random_groups(6, 4, 2, 0, 5)
     per, _ = G.per_example_grads_vmap(model, imgs, tgts)
-    summed, _ = G.clip_and_sum(per, 1e12)
-    private = G.noisy_mean(summed, noise_multiplier=0.0, clip_norm=1e12, expected_batch_size=6, generator=None)
+    private = noisy_mean(per, model, 1e12, 0.0, 6)
     nonprivate, _ = G.summed_grads_nonprivate(model, imgs, tgts)
     for k in private:
         torch.testing.assert_close(private[k], nonprivate[k] / 6, rtol=1e-10, atol=1e-12)
-
-
-def test_noise_std_is_sigma_C_over_expected_batch():
-    sigma, clip, expected = 1.7, 0.6, 50.0
-    zeros = {"w": torch.zeros(400_000, dtype=torch.float64)}
-    out = G.noisy_mean(zeros, noise_multiplier=sigma, clip_norm=clip, expected_batch_size=expected, generator=torch.Generator().manual_seed(0))
-    std = out["w"].std().item()
-    assert std == pytest.approx(sigma * clip / expected, rel=0.01)
-    assert abs(out["w"].mean().item()) < 4 * std / np.sqrt(400_000)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -138,9 +141,10 @@ def test_neighbouring_datasets_through_the_trainers_default_path(seed):
     clip = float(rng.uniform(0.01, 1.0))
     model = tiny_model()
     imgs, tgts = random_groups(5, k, m, n, seed, scale=float(rng.uniform(1, 50)))
-    full, _ = G.clipped_sum(model, imgs, tgts, clip_norm=clip)
+    source = per_example_source(model)
+    full = M.clipped_sum(source(imgs, tgts), clip)
     for drop in range(5):
         keep = [i for i in range(5) if i != drop]
-        neighbour, _ = G.clipped_sum(model, imgs[keep], tgts[keep], clip_norm=clip)
+        neighbour = M.clipped_sum(source(imgs[keep], tgts[keep]), clip)
         diff = torch.cat([(full[kk] - neighbour[kk]).flatten() for kk in full]).norm()
         assert diff <= clip * (1 + 1e-9)

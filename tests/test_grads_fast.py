@@ -1,4 +1,4 @@
-"""The book-keeping fast path (``clipped_sum_fast``) held to the microbatch loop and to vmap, in float64.
+"""The book-keeping accelerator (``bookkeeping.per_example``) held to the microbatch loop and to vmap, in float64.
 
 Every route a layer can take (per-example gradients kept, formed for norms only, ghost norms; one
 grouped call when G = 1) is forced in turn, on the project's models and on layer variants they lack.
@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from dpmix_ray import bookkeeping as BK
 from dpmix_ray import grads as G
+from dpmix_ray import mechanism as M
 from dpmix_ray import trainer as T
 from dpmix_ray.config import ModelConfig, load_train_config
 from dpmix_ray.data import load_splits
 from dpmix_ray.mix import SyntheticPool, build_groups
-from dpmix_ray.models import build_model
+from dpmix_ray.models import WSConv2d, build_model
 
 CLASSES = 5
 # route, or route/forming: how a convolution's per-example gradients are formed for keep and norms
@@ -30,10 +32,10 @@ def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
     route, _, forming = route.partition("/")
     if route.startswith("ghost"):
         costs = (0, 1) if route == "ghost-pixels" else (1, 0)
-        monkeypatch.setattr(G, "_gram_costs", lambda *a: costs)
+        monkeypatch.setattr(BK, "_gram_costs", lambda *a: costs)
         route = "ghost"
 
-    def record(mod, a, out, b, original=G._record):
+    def record(mod, a, out, b, original=BK._record):
         call = original(mod, a, out, b)
         if call.rows and not (route == "ghost" and getattr(mod, "groups", 1) != 1):
             call.route, call.out = route, out.detach()
@@ -41,14 +43,14 @@ def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
             call.forming, call.transient_bytes = forming, (0 if forming == "loop" else a[0].numel() * 8)
         return call
 
-    def plan(calls, b, original=G._plan):
+    def plan(calls, b, original=BK._plan):
         forced = [c.route for c in calls]
         original(calls, b)  # sizes the slices; may turn "keep" into "norms"
         for c, r in zip(calls, forced):
             c.route = r
 
-    monkeypatch.setattr(G, "_record", record)
-    monkeypatch.setattr(G, "_plan", plan)
+    monkeypatch.setattr(BK, "_record", record)
+    monkeypatch.setattr(BK, "_plan", plan)
 
 
 def groups(b: int, k: int, m: int, n: int, *, channels: int, size: int, seed: int, scale: float = 1.0):
@@ -57,7 +59,7 @@ def groups(b: int, k: int, m: int, n: int, *, channels: int, size: int, seed: in
     y = torch.randint(0, CLASSES, (b,), generator=gen)
     pool = SyntheticPool.from_tensors(torch.rand(10, channels, size, size, generator=gen, dtype=torch.float64), torch.arange(10) % CLASSES, CLASSES)
     return build_groups(x, y, num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
-                        rng=np.random.default_rng(seed), synthetic=pool if n else None)
+                        gen=torch.Generator().manual_seed(seed), synthetic=pool if n else None)
 
 
 class Odd(nn.Module):
@@ -86,8 +88,20 @@ def model_and_size(name: str) -> tuple[nn.Module, int, int]:
     return build_model(ModelConfig(name=name), in_channels=channels, num_classes=CLASSES, image_size=size).double(), channels, size
 
 
-def flat(grads: G.Grads) -> torch.Tensor:
+def flat(grads: M.Grads) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
+
+
+def clip_and_sum(per: M.Grads, clip: float) -> tuple[M.Grads, torch.Tensor]:
+    """The mechanism's clipped sum of materialised per-example gradients, and their norms."""
+    source = G.Materialised(per, torch.zeros(len(next(iter(per.values())))))
+    return M.clipped_sum(source, clip), source.norms
+
+
+def fast(model: nn.Module, imgs: torch.Tensor, tgts: torch.Tensor, clip: float) -> tuple[M.Grads, torch.Tensor, torch.Tensor]:
+    """The accelerator's clipped sum (factors from the mechanism), norms and losses."""
+    pending = BK.per_example(model, imgs, tgts)
+    return M.clipped_sum(pending, clip), pending.norms, pending.losses
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -102,14 +116,14 @@ def test_fast_clipped_sum_equals_microbatch_loop_and_vmap(name, seed, route, mon
     imgs, tgts = groups(3, k, m, n, channels=channels, size=size, seed=seed, scale=float(rng.uniform(1, 5)))
     per, ref_losses = G.per_example_grads_loop(model, imgs, tgts)
     per_vmap, _ = G.per_example_grads_vmap(model, imgs, tgts)
-    ref_norms = G.clip_and_sum(per, 1.0)[1]
+    ref_norms = clip_and_sum(per, 1.0)[1]
     for clip in (float(ref_norms.median()), 1e9):  # some examples clipped; none clipped
-        summed, norms, losses = G.clipped_sum_fast(model, imgs, tgts, clip)
-        ref, _ = G.clip_and_sum(per, clip)
+        summed, norms, losses = fast(model, imgs, tgts, clip)
+        ref, _ = clip_and_sum(per, clip)
         assert list(summed) == list(ref) == list(G.trainable(model))
         torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
         torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(flat(summed), flat(G.clip_and_sum(per_vmap, clip)[0]), rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(flat(summed), flat(clip_and_sum(per_vmap, clip)[0]), rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(losses, ref_losses, rtol=1e-13, atol=0)
 
 
@@ -119,26 +133,26 @@ def test_k1_forms_small_convolutions_in_slices_and_agrees(forming, monkeypatch):
     the 7 examples whose size the plan sets from the memory budget."""
     sizes = []
 
-    def record(mod, a, out, b, original=G._record):
+    def record(mod, a, out, b, original=BK._record):
         call = original(mod, a, out, b)
         if isinstance(mod, nn.Conv2d):
             call.forming, call.transient_bytes = forming, a[0].numel() * 8
         return call
 
-    def per_example_conv(call, w, gy, b, original=G._per_example_conv):
+    def per_example_conv(call, w, gy, b, original=BK._per_example_conv):
         for chunk in original(call, w, gy, b):
             sizes.append(chunk.shape[0])
             yield chunk
 
-    monkeypatch.setattr(G, "_record", record)
-    monkeypatch.setattr(G, "_per_example_conv", per_example_conv)
+    monkeypatch.setattr(BK, "_record", record)
+    monkeypatch.setattr(BK, "_per_example_conv", per_example_conv)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(144, CLASSES)
     ).double()
     imgs, tgts = groups(7, 1, 0, 0, channels=4, size=6, seed=9)
-    summed, norms, _ = G.clipped_sum_fast(model, imgs, tgts, 0.05)
-    ref, ref_norms = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.05)
+    summed, norms, _ = fast(model, imgs, tgts, 0.05)
+    ref, ref_norms = clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.05)
     torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-12, atol=0)
     assert any(1 < n < 7 for n in sizes), sizes
@@ -147,43 +161,55 @@ def test_k1_forms_small_convolutions_in_slices_and_agrees(forming, monkeypatch):
 def test_forming_follows_the_work_per_example():
     """Small per-example problems are batched (patches; grouped calls at G = 1), large ones loop."""
     small, mid, large = nn.Conv2d(16, 32, 4, stride=2), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
-    assert G._forming(small, torch.Size([64, 16, 13, 13]), torch.Size([64, 32, 5, 5]), 64)[0] == "patches"
-    assert G._forming(mid, torch.Size([64, 16, 28, 28]), torch.Size([64, 32, 28, 28]), 64)[0] == "grouped"
-    assert G._forming(mid, torch.Size([256, 16, 28, 28]), torch.Size([256, 32, 28, 28]), 64)[0] == "loop"
-    assert G._forming(large, torch.Size([8, 64, 32, 32]), torch.Size([8, 64, 32, 32]), 8)[0] == "loop"
+    assert BK._forming(small, torch.Size([64, 16, 13, 13]), torch.Size([64, 32, 5, 5]), 64)[0] == "patches"
+    assert BK._forming(mid, torch.Size([64, 16, 28, 28]), torch.Size([64, 32, 28, 28]), 64)[0] == "grouped"
+    assert BK._forming(mid, torch.Size([256, 16, 28, 28]), torch.Size([256, 32, 28, 28]), 64)[0] == "loop"
+    assert BK._forming(large, torch.Size([8, 64, 32, 32]), torch.Size([8, 64, 32, 32]), 8)[0] == "loop"
 
 
-def test_clipped_sum_dispatch(monkeypatch):
+def test_per_example_source_dispatch(monkeypatch):
     model, channels, size = model_and_size("cnn_tiny")
     imgs, tgts = groups(3, 2, 1, 0, channels=channels, size=size, seed=1)
-    fast, _ = G.clipped_sum(model, imgs, tgts, clip_norm=0.1)
-    ref, _ = G.clipped_sum(model, imgs, tgts, clip_norm=0.1, per_example_fn=G.per_example_grads_loop)
-    torch.testing.assert_close(flat(fast), flat(ref), rtol=1e-10, atol=1e-13)
+    default = T.per_example_source(model)(imgs, tgts)
+    assert isinstance(default, BK.Pending)
+    ref = T.per_example_source(model, G.per_example_grads_loop)(imgs, tgts)
+    torch.testing.assert_close(flat(M.clipped_sum(default, 0.1)), flat(M.clipped_sum(ref, 0.1)), rtol=1e-10, atol=1e-13)
 
-    # A trainable parameter outside Linear/Conv2d/GroupNorm: the dispatcher takes vmap.
+    # A trainable parameter outside the registered rules (LayerNorm): the dispatcher takes vmap.
     other = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.LayerNorm(300), nn.Linear(300, CLASSES)).double()
-    assert not G.supports_fast(other)
-    with pytest.raises(ValueError, match="outside"):
-        G.clipped_sum_fast(other, imgs, tgts, 0.1)
+    assert not BK.supports(other)
+    with pytest.raises(ValueError, match="outside the registered layer rules"):
+        fast(other, imgs, tgts, 0.1)
     used = []
     monkeypatch.setattr(G, "per_example_grads_vmap", lambda *a: used.append(1) or G.per_example_grads_loop(*a))
-    G.clipped_sum(other, imgs, tgts, clip_norm=0.1)
+    assert isinstance(T.per_example_source(other)(imgs, tgts), G.Materialised)
     assert used
+
+
+def test_rules_come_from_the_registry_and_cover_exact_types():
+    assert set(BK.RULES) == {nn.Linear, nn.Conv2d, WSConv2d, nn.GroupNorm}
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert not BK.supports(nn.Sequential(nn.Flatten(), MyLinear(4, 2)))  # a subclass may change the forward
+    assert not BK.supports(nn.Sequential(nn.Conv2d(1, 2, 3, padding="same")))  # the rule's `supports` refuses it
+    assert not BK.supports(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
 
 
 def test_supported_models_and_frozen_bodies():
     for name in ("cnn_tiny", "cnn", "wrn16_4"):
-        assert G.supports_fast(model_and_size(name)[0])
+        assert BK.supports(model_and_size(name)[0])
     model, channels, size = model_and_size("cnn")
     model.features.requires_grad_(False)  # a frozen body: only the Linear layers train
-    assert G.supports_fast(model)
+    assert BK.supports(model)
     imgs, tgts = groups(3, 2, 0, 1, channels=channels, size=size, seed=2)
-    summed, _, _ = G.clipped_sum_fast(model, imgs, tgts, 0.1)
-    ref, _ = G.clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.1)
+    summed, _, _ = fast(model, imgs, tgts, 0.1)
+    ref, _ = clip_and_sum(G.per_example_grads_loop(model, imgs, tgts)[0], 0.1)
     assert list(summed) == list(ref) == ["hidden.0.weight", "hidden.0.bias", "head.weight", "head.bias"]
     torch.testing.assert_close(flat(summed), flat(ref), rtol=1e-10, atol=1e-13)
     model.head.bias.requires_grad_(False)  # half-frozen layer: no rule
-    assert not G.supports_fast(model)
+    assert not BK.supports(model)
 
 
 def test_a_layer_run_twice_is_refused():
@@ -197,12 +223,12 @@ def test_a_layer_run_twice_is_refused():
 
     imgs, tgts = groups(2, 1, 0, 0, channels=1, size=4, seed=0)
     with pytest.raises(RuntimeError, match="ran twice"):
-        G.clipped_sum_fast(Twice().double(), imgs, tgts, 1.0)
+        fast(Twice().double(), imgs, tgts, 1.0)
 
 
 def test_trainer_default_is_the_fast_path_and_equals_the_loop():
     cfg = load_train_config(None, ["data.name=digits", "optim.batch_size=64", "optim.epochs=0.1", "mix.aug_multiplicity=2",
-                                   "mix.self_mix=1", "optim.lr=1.0", "privacy.epsilon=8"])
+                                   "mix.self_mix=1", "optim.lr=1.0", "privacy.epsilon=8", "privacy.reproducible=true"])
     splits = load_splits(cfg.data)
     fast = T.train(cfg, splits=splits, progress=False)
     loop = T.train(cfg, splits=splits, progress=False, per_example_fn=G.per_example_grads_loop)
@@ -231,7 +257,7 @@ def test_chunk_from_memory_cap_fits_the_cap(method):
     chunk = T.examples_per_chunk(cfg, model, (1, 28, 28))
     x = torch.rand(chunk, 12, 1, 28, 28)
     y = torch.nn.functional.one_hot(torch.randint(0, 10, (chunk, 12)), 10).float()
-    step = (lambda: G.clipped_sum_fast(model, x, y, 1.0)) if method != "nonprivate" else (lambda: G.summed_grads_nonprivate(model, x, y))
+    step = (lambda: fast(model, x, y, 1.0)) if method != "nonprivate" else (lambda: G.summed_grads_nonprivate(model, x, y))
     assert 64 / 4 <= _peak_mb(step) <= 64
 
 
@@ -239,7 +265,7 @@ def test_memory_probe_leaves_buffers_and_rng_alone():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, CLASSES)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(5)
-    G.step_memory(model, (1, 8, 8), 3, private=False)
+    G.step_memory(model, (1, 8, 8), 3, private=False, fast=False)
     draw = torch.rand(1)
     torch.manual_seed(5)
     assert torch.equal(draw, torch.rand(1))
@@ -300,8 +326,8 @@ def test_group_norm_statistics_come_from_the_forward_or_are_recomputed():
     norm = nn.GroupNorm(4, 8).double()
     a = torch.randn(3, 8, 5, 5, dtype=torch.float64)
     out = norm(a)
-    saved = G._group_norm_stats(norm, a, out)
-    recomputed = G._group_norm_stats(norm, a, out * 1.0)  # another node: no saved statistics to read
+    saved = BK._group_norm_stats(norm, a, out)
+    recomputed = BK._group_norm_stats(norm, a, out * 1.0)  # another node: no saved statistics to read
     flat = a.reshape(3, 4, -1)
     for stats in (saved, recomputed):
         assert not stats[0].requires_grad

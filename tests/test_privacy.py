@@ -2,9 +2,13 @@
 
 import math
 
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
 from dp_accounting import dp_event as E
 from dp_accounting import rdp
 
@@ -13,11 +17,13 @@ from dpmix_ray.errors import BudgetError
 from dpmix_ray.privacy import (
     calibrate_noise,
     calibrate_noise_for_tuning,
+    check_plan,
     epsilon_spent,
     max_steps,
     plan_run,
-    poisson_sample,
+    private_run,
     repeat_and_select_epsilon,
+    run_guarantee,
 )
 
 
@@ -60,11 +66,15 @@ def test_max_steps_is_the_largest_within_budget():
         assert epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=t + 1, delta=1e-5) > eps
 
 
-def test_impossible_budgets_are_refused():
-    with pytest.raises(BudgetError):
-        calibrate_noise(epsilon=1e-4, delta=1e-9, sample_rate=0.5, steps=100_000)
+def test_impossible_step_counts_are_refused():
     with pytest.raises(BudgetError, match="single step"):
         max_steps(epsilon=0.1, delta=1e-5, sample_rate=0.5, noise_multiplier=0.5)
+
+
+@pytest.mark.slow  # ~50 s: Opacus doubles σ up to its cap, evaluating ε each time
+def test_impossible_noise_calibrations_are_refused():
+    with pytest.raises(BudgetError, match="cannot fit"):
+        calibrate_noise(epsilon=1e-4, delta=1e-9, sample_rate=0.5, steps=1000)
 
 
 def test_plan_derives_sigma_or_steps_and_never_exceeds():
@@ -79,26 +89,6 @@ def test_plan_derives_sigma_or_steps_and_never_exceeds():
     assert epsilon_spent(noise_multiplier=2.0, sample_rate=0.064, steps=plan2.steps + 1, delta=1e-5) > 2.0
 
 
-def test_poisson_sampling_rate_and_independence():
-    n, q, draws = 2000, 0.03, 400
-    gen = torch.Generator().manual_seed(0)
-    sizes, counts = [], torch.zeros(n)
-    for _ in range(draws):
-        idx = poisson_sample(n, q, gen)
-        assert idx.unique().numel() == idx.numel()
-        sizes.append(len(idx))
-        counts[idx] += 1
-    sizes = np.array(sizes)
-    # Batch size ~ Binomial(n, q): mean within 4 standard errors, variance near n q (1 - q).
-    se = math.sqrt(n * q * (1 - q) / draws)
-    assert abs(sizes.mean() - n * q) < 4 * se
-    assert 0.7 < sizes.var() / (n * q * (1 - q)) < 1.3
-    # Per-example inclusion frequency ~ q for every example (no example favoured).
-    assert abs(counts.mean().item() / draws - q) < 0.002
-    assert counts.max().item() / draws < q + 6 * math.sqrt(q * (1 - q) / draws)
-    assert len(poisson_sample(10, 1e-6, gen)) == 0  # empty batches happen and are fine
-
-
 def test_repeat_and_select_costs_more_than_one_trial_and_calibrates():
     single = epsilon_spent(noise_multiplier=2.0, sample_rate=0.05, steps=200, delta=1e-5)
     tuned = repeat_and_select_epsilon(noise_multiplier=2.0, sample_rate=0.05, steps=200, delta=1e-5, mean_trials=8, shape=1)
@@ -106,3 +96,58 @@ def test_repeat_and_select_costs_more_than_one_trial_and_calibrates():
     sigma = calibrate_noise_for_tuning(epsilon=2.0, delta=1e-5, sample_rate=0.05, steps=200, mean_trials=8, shape=1)
     spent = repeat_and_select_epsilon(noise_multiplier=sigma, sample_rate=0.05, steps=200, delta=1e-5, mean_trials=8, shape=1)
     assert 0.98 * 2.0 <= spent <= 2.0
+
+
+PLANNED = ["privacy.epsilon=2", "optim.epochs=2", "optim.batch_size=64"]
+
+
+def test_a_plan_is_checked_against_its_config_and_N():
+    cfg = load_train_config(None, PLANNED)
+    plan = plan_run(cfg, 1000)
+    check_plan(plan, cfg, 1000)
+    wrong = {
+        "sample rate": plan_run(cfg, 2000),  # planned for another N
+        "spends": dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 2),
+        "claims": dataclasses.replace(plan, epsilon_spent=plan.epsilon_spent / 2),
+        "accountant": dataclasses.replace(plan, accountant="prv"),
+        "epochs": dataclasses.replace(plan, steps=plan.steps + 1),
+    }
+    for what, bad in wrong.items():
+        with pytest.raises(BudgetError, match=what):
+            check_plan(bad, cfg, 1000)
+    fixed_sigma = load_train_config(None, ["privacy.noise_multiplier=2.0", "optim.epochs=null", "optim.batch_size=64"])
+    sigma_plan = plan_run(fixed_sigma, 1000)
+    check_plan(sigma_plan, fixed_sigma, 1000)
+    with pytest.raises(BudgetError, match="is not the config's 2"):
+        check_plan(dataclasses.replace(sigma_plan, noise_multiplier=2.5, steps=sigma_plan.steps // 2), fixed_sigma, 1000)
+
+
+def test_the_budget_check_survives_python_O():
+    """``python -O`` strips asserts; the check that refuses an overspending plan is not one."""
+    code = (
+        "import dataclasses\n"
+        "from dpmix_ray.config import load_train_config\n"
+        "from dpmix_ray.errors import BudgetError\n"
+        "from dpmix_ray.privacy import check_plan, plan_run\n"
+        f"cfg = load_train_config(None, {PLANNED!r})\n"
+        "plan = plan_run(cfg, 1000)\n"
+        "try:\n"
+        "    check_plan(dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 2), cfg, 1000)\n"
+        "except BudgetError:\n"
+        "    print('refused', __debug__)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root)}, check=True)
+    assert out.stdout.strip() == "refused False", out.stderr[-2000:]
+
+
+def test_the_guarantee_says_what_it_covers_or_that_there_is_none():
+    private = load_train_config(None, [])
+    line = run_guarantee(private, 1234)
+    assert private_run(private) and "\n" not in line
+    assert line.startswith("(ε=2, δ=1e-05)-DP") and "N=1234 examples of the training split" in line
+    assert "validation and test splits are held-out data" in line and "not private" in line
+    reproducible = load_train_config(None, ["privacy.reproducible=true"])
+    assert not private_run(reproducible) and run_guarantee(reproducible, 1234).startswith("NOT PRIVATE: privacy.reproducible")
+    nonprivate = load_train_config(None, ["method=nonprivate"])
+    assert not private_run(nonprivate) and run_guarantee(nonprivate, 1234).startswith("NOT PRIVATE: method nonprivate")

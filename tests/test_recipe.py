@@ -15,6 +15,7 @@ from dpmix_ray.config import load_train_config
 from dpmix_ray.data import load_splits
 
 TINY = ["data.name=digits", "optim.batch_size=64", "optim.epochs=1", "mix.aug_multiplicity=2", "mix.self_mix=1", "optim.lr=1.0",
+        "privacy.reproducible=true",  # seeded mechanism: runs with and without EMA see the same noise
         "privacy.epsilon=8"]
 
 

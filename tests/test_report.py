@@ -1,4 +1,4 @@
-"""The report is rebuilt from a ledger alone: synthetic trial records in, every output file checked."""
+"""The report is rebuilt from the curator's ledger alone: synthetic trial records in, every release/ and curator/ file checked."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 
 from dpmix_ray.config import SweepConfig, config_hash
 from dpmix_ray.report import build_report, summary_table
+from dpmix_ray.sweep import claims
 from dpmix_ray.sweep import state as S
 
 BASE = {"method": "dpmix_self", "data": {"name": "digits"}, "model": {"name": "cnn"}, "mix": {"aug_multiplicity": 2, "self_mix": 1}, "device": "cpu"}
+N_TRAIN = 1258
+RELEASE_FILES = {"best_per_epsilon.csv", "best_per_epsilon.json", "best_per_epsilon.md", "accuracy_vs_epsilon.png"}
 
 
 def _write_sweep(out: Path, records: list[dict[str, Any]], finished: bool = True, **over: Any) -> SweepConfig:
@@ -25,10 +29,18 @@ def _write_sweep(out: Path, records: list[dict[str, Any]], finished: bool = True
     })
     counts = {f"{m}@eps={e:g}": 3 for m in ("dpmix_self", "dpsgd") for e in (1, 4)} | {"nonprivate": 3}
     S.write_config(out, cfg)
-    S.write_state(out, S.SweepState(name="rep", config_hash=config_hash(cfg), counts=counts, storage_path=str(out), finished=finished))
+    S.write_state(out, S.SweepState(name="rep", config_hash=config_hash(cfg), counts=counts, storage_path=str(out), n_train=N_TRAIN, finished=finished))
     for r in records:
         S.append_record(out, r)
+        if r["phase"] == "search" and r["status"] == "completed":  # as the driver's callback keeps them (all, here)
+            _write_model(out, r)
     return cfg
+
+
+def _write_model(out: Path, record: dict[str, Any]) -> None:
+    path = S.path(out, S.model_name(record["group"], record["index"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.tensor([record["val_accuracy"]])}}, path)
 
 
 def _rec(group: str, phase: str, index: int, status: str, val: float | None, **extra: Any) -> dict[str, Any]:
@@ -38,18 +50,22 @@ def _rec(group: str, phase: str, index: int, status: str, val: float | None, **e
         "delta": 1e-5 if eps else None, "phase": phase, "index": index, "status": status, "reason": extra.pop("reason", None),
         "val_accuracy": val, "params": extra.pop("params", {"optim.lr": 0.5 + index, "optim.lr_schedule": "constant"}),
         "epsilon_spent": float(eps) * 0.99 if eps and status == "completed" else None, "trial_epsilon": float(eps) if eps else None,
-        "noise_multiplier": 1.1, "steps": 40, "config": {"seed": index}, **extra,
+        "noise_multiplier": 1.1, "steps": 40, "n_train": N_TRAIN, "config": {"seed": index}, "trial_seconds": 9.5,
+        "images_per_second": 321.0, **extra,
     }
 
 
 def _records() -> list[dict[str, Any]]:
+    """Search trials evaluate test too; trial 1 at ε=4 has the best test but not the best val: it must not be released."""
     out = []
     for group, vals in {"dpmix_self@eps=1": (0.6, 0.7, None), "dpmix_self@eps=4": (0.8, 0.85, 0.9), "dpsgd@eps=1": (0.5, None, None),
                         "dpsgd@eps=4": (0.7, 0.72, 0.71), "nonprivate": (0.97, 0.98, 0.96)}.items():
         for i, v in enumerate(vals):
             status = "completed" if v is not None else ("pruned" if i == 1 else "failed")
             reason = None if v is not None else ("cannot fit ε" if status == "pruned" else "DivergedError: loss is nan")
-            out.append(_rec(group, "search", i, status, v, reason=reason, params={"optim.lr": 0.5 + i, "optim.lr_schedule": 2 if i == 2 else "constant"}))
+            test = None if v is None else (0.99 if i == 1 else v - 0.05)
+            out.append(_rec(group, "search", i, status, v, reason=reason, test_accuracy=test,
+                            params={"optim.lr": 0.5 + i, "optim.lr_schedule": 2 if i == 2 else "constant"}))
         for k, t in enumerate((0.01, 0.03)):
             best = max(v for v in vals if v is not None)
             out.append(_rec(group, "final", k, "completed", best, test_accuracy=best - t))
@@ -57,49 +73,112 @@ def _records() -> list[dict[str, Any]]:
     return out
 
 
-def test_report_files_from_trial_rows(tmp_path: Path) -> None:
+def _release(out: Path) -> set[str]:
+    return {p.relative_to(S.path(out, S.RELEASE)).as_posix() for p in S.path(out, S.RELEASE).rglob("*") if p.is_file()}
+
+
+def test_release_holds_the_selected_trials_own_results_and_models(tmp_path: Path) -> None:
     _write_sweep(tmp_path, _records())
     build_report(tmp_path)
 
-    best = pd.read_csv(tmp_path / "best_per_epsilon.csv")
+    assert _release(tmp_path) == RELEASE_FILES | {f"models/{m}.pt" for m in ("dpmix_self-eps1", "dpmix_self-eps4", "dpsgd-eps1", "dpsgd-eps4", "nonprivate")}
+    best = pd.read_csv(S.path(tmp_path, f"{S.RELEASE_TABLE}.csv"))
     assert list(best["method"]) == ["dpmix_self", "dpmix_self", "dpsgd", "dpsgd", "nonprivate"]
     row = best.iloc[1]
-    assert row["epsilon"] == 4 and row["val_accuracy"] == 0.9 and row["best_trial"] == 2
-    assert row["test_accuracy_mean"] == pytest.approx(0.88) and row["test_accuracy_sd"] == pytest.approx(0.0141421, rel=1e-4)
+    assert row["epsilon"] == 4 and row["val_accuracy"] == 0.9  # selected on validation ...
+    assert row["test_accuracy"] == pytest.approx(0.85)  # ... and its own test accuracy, not trial 1's 0.99 nor the re-runs'
+    assert row["rerun_test_mean"] == pytest.approx(0.88) and row["reruns"] == 2  # per_trial: re-runs released, labelled
     assert json.loads(row["hyperparameters"]) == {"optim.lr": 2.5, "optim.lr_schedule": 2}
-    assert "single training run" in row["guarantee"] and row["delta"] == 1e-5
+    assert f"{N_TRAIN} training examples" in row["guarantee"] and "held-out" in row["guarantee"] and "NOT the selection" in row["guarantee"]
     assert best.iloc[3]["val_accuracy"] == 0.72  # the ASHA-stopped 0.99 is not a finished trial
-    assert (best.iloc[0]["trials_completed"], best.iloc[0]["trials_failed"]) == (2, 1)
+    assert best.iloc[4]["guarantee"].startswith("NOT PRIVATE") and not best.iloc[4]["private"]
+    assert not {"trials_planned", "trials_completed", "best_trial", "group", "images_per_second", "trial_seconds"} & set(best.columns)
 
-    doc = json.loads((tmp_path / "best_per_epsilon.json").read_text())
-    assert doc["tuning_privacy"] == "per_trial" and "NOT covered" in doc["privacy"] and len(doc["rows"]) == 5
+    model = torch.load(S.path(tmp_path, S.released_model_name("dpmix_self@eps=4")), weights_only=True)
+    assert model["state_dict"]["w"].item() == pytest.approx(0.9) and model["guarantee"] == row["guarantee"] and model["private"]
 
-    trials = pd.read_parquet(tmp_path / "trials.parquet")
-    assert len(trials) == 25 and {"status", "reason", "param.optim.lr", "config", "val_accuracy", "epsilon_spent"} <= set(trials.columns)
-    assert trials.loc[trials.status == "failed", "reason"].str.contains("Diverged").all()
+    doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))
+    assert doc["tuning_privacy"] == "per_trial" and doc["private"] and "NOT covered" in doc["privacy"] and len(doc["rows"]) == 5
+    assert f"{N_TRAIN} examples" in doc["privacy"] and claims.HELD_OUT in doc["privacy"]
+    assert doc["rows"][1]["model"] == "models/dpmix_self-eps4.pt"
 
     md = summary_table(tmp_path)
-    assert "ONE training run" in md and "0.8800 ± 0.0141" in md and md.count("\n|") >= 6
+    assert "ONE training run" in md and "0.8800 ± 0.0141 (n=2)" in md and md.count("\n|") >= 6 and "curator" in md
 
-    page = (tmp_path / "report.html").read_text()
+    trials = pd.read_parquet(S.path(tmp_path, S.TRIALS_TABLE))
+    assert len(trials) == 25 and {"status", "reason", "param.optim.lr", "config", "val_accuracy", "test_accuracy", "epsilon_spent"} <= set(trials.columns)
+    assert trials.loc[trials.status == "failed", "reason"].str.contains("Diverged").all()
+
+    page = S.read_text(tmp_path, S.CURATOR_REPORT)
+    assert all(html_name in page for html_name in ("release/best_per_epsilon", "curator/trials.jsonl", "curator/optuna.db", "curator/tune/"))
+    assert "curator only" in page and "2/3" in page  # the drawn counts: curator's page only
     assert re.search(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)
     assert not re.search(r"(src|href)=['\"]https?:", page)  # opens offline
-    assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert S.path(tmp_path, S.RELEASE_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_repeat_and_select_and_partial_sweeps_say_so(tmp_path: Path) -> None:
+def test_a_changed_selection_replaces_its_released_model(tmp_path: Path) -> None:
+    _write_sweep(tmp_path, _records())
+    build_report(tmp_path)
+    better = _rec("dpmix_self@eps=1", "search", 2, "completed", 0.75, test_accuracy=0.74)  # the slot that had failed, re-run
+    S.append_record(tmp_path, better)
+    _write_model(tmp_path, better)
+    S.append_record(tmp_path, _rec("dpsgd@eps=1", "search", 0, "failed", None, reason="crashed"))  # dpsgd@eps=1 has no best now
+    build_report(tmp_path)
+    model = torch.load(S.path(tmp_path, S.released_model_name("dpmix_self@eps=1")), weights_only=True)
+    assert model["state_dict"]["w"].item() == pytest.approx(0.75)
+    assert "models/dpsgd-eps1.pt" not in _release(tmp_path)
+
+
+def test_repeat_and_select_release_leaves_reruns_and_counts_to_the_curator(tmp_path: Path) -> None:
     records = [r | {"search_epsilon": r["epsilon"]} for r in _records() if r["method"] == "dpmix_self"]
     _write_sweep(tmp_path, records, finished=False, baselines=[], tuning_privacy="repeat_and_select",
                  search={"sampler": "random", "trials_per_epsilon": 3}, space={"optim.lr": {"loguniform": [0.1, 4]}})
     build_report(tmp_path)
     md = summary_table(tmp_path)
-    assert "whole search" in md and "not finished" in md
-    rows = json.loads((tmp_path / "best_per_epsilon.json").read_text())["rows"]
-    assert rows[1]["search_epsilon"] == 4 and rows[1]["trial_epsilon"] == 4
+    assert "whole search" in md and "not finished" in md and "re-runs: test mean" not in S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md")
+    doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))
+    row = doc["rows"][1]
+    assert row["search_epsilon"] == 4 and row["test_accuracy"] == pytest.approx(0.85) and "whole random search" in row["guarantee"]
+    assert not {"rerun_test_mean", "reruns", "trials_planned", "best_trial"} & set(row)
+    assert "re-runs" in doc["privacy"] and "Not covered" in doc["privacy"]
+    csv = pd.read_csv(S.path(tmp_path, f"{S.RELEASE_TABLE}.csv"))
+    assert "rerun_test_mean" not in csv.columns
+    page = S.read_text(tmp_path, S.CURATOR_REPORT)
+    assert "0.8800 ± 0.0141 (n=2)" in page  # the re-runs: an evaluation of the recipe, for the curator
+
+
+def test_reproducible_sweep_says_not_private_in_every_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.axes
+
+    titles: list[str] = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, label, *a, **k: (titles.append(label), set_title(ax, label, *a, **k))[1])
+    _write_sweep(tmp_path, _records(), base=BASE | {"privacy": {"reproducible": True}})
+    build_report(tmp_path)
+
+    doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))
+    assert doc["private"] is False and doc["privacy"].startswith("NOT PRIVATE")
+    assert all(r["guarantee"].startswith("NOT PRIVATE") and r["private"] is False and r["covers"] == "NOT PRIVATE" for r in doc["rows"])
+    assert pd.read_csv(S.path(tmp_path, f"{S.RELEASE_TABLE}.csv"))["guarantee"].str.startswith("NOT PRIVATE").all()
+    assert S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md").startswith("# rep: released recipe per ε\n\nNOT PRIVATE")
+    assert "NOT PRIVATE" in S.read_text(tmp_path, S.CURATOR_REPORT)
+    assert titles and titles[-1].startswith("NOT PRIVATE")
+    model = torch.load(S.path(tmp_path, S.released_model_name("dpmix_self@eps=4")), weights_only=True)
+    assert model["private"] is False and model["guarantee"].startswith("NOT PRIVATE")
 
 
 def test_empty_ledger_still_reports(tmp_path: Path) -> None:
     _write_sweep(tmp_path, [], finished=False)
     build_report(tmp_path)
-    assert pd.read_parquet(tmp_path / "trials.parquet").empty
-    assert "not finished" in (tmp_path / "report.html").read_text()
+    assert pd.read_parquet(S.path(tmp_path, S.TRIALS_TABLE)).empty
+    assert "not finished" in S.read_text(tmp_path, S.CURATOR_REPORT) and _release(tmp_path) == RELEASE_FILES
+
+
+def test_report_command_rebuilds_both_halves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dpmix_ray.cli import main
+
+    _write_sweep(tmp_path, _records())
+    assert main(["report", str(tmp_path)]) == 0
+    assert str(S.path(tmp_path, S.CURATOR_REPORT)) in capsys.readouterr().out and len(_release(tmp_path)) == 9
+    assert main(["report", str(tmp_path / "nothing")]) == 2

@@ -20,7 +20,8 @@ import pytest
 
 from dpmix_ray.config import SweepConfig, config_hash
 from dpmix_ray.errors import BudgetError, ConfigError
-from dpmix_ray.privacy import repeat_and_select_epsilon
+from dpmix_ray.privacy import plan_run, repeat_and_select_epsilon
+from dpmix_ray.sweep import budget as B
 from dpmix_ray.sweep import plan as P
 from dpmix_ray.sweep import state as S
 
@@ -120,29 +121,100 @@ def test_counts_are_fixed_for_per_trial_and_random_for_repeat_and_select() -> No
     assert len(set(counts)) > 3
 
 
-def test_repeat_and_select_calibration_meets_the_sweep_epsilon() -> None:
-    cfg = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=4, search__trials_shape=1.0)
-    group = P.build_groups(cfg)[0]
-    train_cfg = P.trial_config(cfg, group, {"optim.lr": 1.0}, 0)
-    tuned, figures = P.apply_tuning_privacy(cfg, group, train_cfg, n_train=1000)
-    assert figures.search_epsilon <= 2.0 * (1 + P.BUDGET_SLACK)
-    assert figures.trial_epsilon < 2.0  # each trial spends less so that the search meets ε
-    assert tuned.optim.epochs is None and tuned.privacy.noise_multiplier is not None
-    recomputed = repeat_and_select_epsilon(
-        noise_multiplier=tuned.privacy.noise_multiplier, sample_rate=32 / 1000, steps=math.ceil(1000 / 32),
-        delta=1e-4, mean_trials=4, shape=1.0,
-    )
-    assert recomputed == pytest.approx(figures.search_epsilon)
-    per_trial, same = P.apply_tuning_privacy(sweep(), group, train_cfg, n_train=1000)
-    assert per_trial is train_cfg and same.trial_epsilon == 2 and same.search_epsilon is None
+def test_repeat_and_select_plans_each_group_once_and_meets_its_epsilon() -> None:
+    cfg = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=4, search__trials_shape=1.0, baselines=["nonprivate"])
+    groups = P.build_groups(cfg)
+    plans = B.plan_groups(cfg, groups, n_train=1000)
+    assert set(plans) == {"dpmix_self@eps=2", "dpmix_self@eps=8", "nonprivate"}
+    for g in groups[:2]:
+        plan = plans[g.key]
+        q, steps = 32 / 1000, math.ceil(1000 / 32)
+        assert (plan.run.sample_rate, plan.run.steps, plan.n_train) == (q, steps, 1000)
+        assert plan.search_epsilon <= g.epsilon and plan.trial_epsilon < g.epsilon  # each trial spends less so the search meets ε
+        recomputed = repeat_and_select_epsilon(noise_multiplier=plan.run.noise_multiplier, sample_rate=q, steps=steps, delta=1e-4, mean_trials=4, shape=1.0)
+        assert recomputed == pytest.approx(plan.search_epsilon)
+        assert plan.run.epsilon_spent == plan.trial_epsilon
+    assert plans["nonprivate"].trial_epsilon is None and plans["nonprivate"].run.noise_multiplier == 0
+    assert B.plan_groups(sweep(), groups, n_train=1000) == {}  # per_trial: planned per suggested config
 
 
-def test_within_budget_assertion() -> None:
-    P.assert_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 1.99})
+def test_plans_survive_the_sweep_state_round_trip(tmp_path: Path) -> None:
+    cfg = sweep(tuning_privacy="repeat_and_select", baselines=["nonprivate"])
+    plans = B.plan_groups(cfg, P.build_groups(cfg), n_train=1000)
+    S.write_state(tmp_path, S.SweepState(name="t", config_hash="h", counts={}, storage_path="x", n_train=1000,
+                                         plans={k: p.as_dict() for k, p in plans.items()}))
+    stored = S.read_state(tmp_path).plans
+    assert {k: B.TrialPlan.from_dict(v) for k, v in stored.items()} == plans  # nonprivate's ε=∞ included
+
+
+def test_trial_specs_carry_the_driver_plan_or_the_refusal() -> None:
+    rs = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=3)
+    group = P.build_groups(rs)[0]
+    group_plan = B.plan_groups(rs, [group], n_train=1000)[group.key]
+    specs = [B.trial_spec(rs, group, phase="search", index=i, params={"optim.lr": lr}, group_plan=group_plan, synthetic=None)
+             for i, lr in enumerate((0.5, 3.0))]
+    assert [B.TrialPlan.from_dict(s["plan"]) for s in specs] == [group_plan, group_plan]  # one mechanism for the whole group
+    assert specs[1]["train"]["optim"]["lr"] == 3.0 and specs[1]["seed"] == rs.base.seed + 1 and specs[1]["refused"] is None
+
+    per_trial = sweep(space={"optim.batch_size": {"choice": [16, 64]}})
+    g = P.build_groups(per_trial)[0]
+    small, large = (B.trial_spec(per_trial, g, phase="search", index=0, params={"optim.batch_size": b}, group_plan=None, synthetic=None)
+                    for b in (16, 64))
+    n = B.training_size(per_trial.base.data)
+    assert small["plan"]["n_train"] == n and small["plan"]["run"]["sample_rate"] == pytest.approx(16 / n)
+    assert large["plan"]["run"]["sample_rate"] == pytest.approx(64 / n) and small["plan"]["trial_epsilon"] == 2
+
+    bad = B.trial_spec(per_trial, g, phase="search", index=0, params={"mix.aug_multiplicity": 1}, group_plan=None, synthetic=None)
+    assert bad["plan"] is None and "aug_multiplicity" in bad["refused"]
+    too_big = B.trial_spec(per_trial, g, phase="search", index=0, params={"optim.batch_size": 10**6}, group_plan=None, synthetic=None)
+    assert too_big["plan"] is None and "batch_size" in too_big["refused"]
+
+
+def test_per_trial_planning_calibrates_once_per_privacy_relevant_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(B, "_ONE_RUN_PLANS", {})
+    monkeypatch.setattr(B, "plan_run", lambda cfg, n: calls.append(cfg.optim.batch_size) or plan_run(cfg, n))
+    cfg = sweep(space={"optim.lr": {"loguniform": [0.5, 4.0]}, "optim.batch_size": {"choice": [16, 32]}})
+    g = P.build_groups(cfg)[0]
+    specs = [B.trial_spec(cfg, g, phase="search", index=i, params={"optim.lr": lr, "optim.batch_size": b}, group_plan=None, synthetic=None)
+             for i, (lr, b) in enumerate([(1.0, 16), (2.0, 16), (3.0, 32), (1.0, 32)])]
+    assert calls == [16, 32] and specs[0]["plan"] == specs[1]["plan"] != specs[2]["plan"]
+
+
+def test_infeasible_repeat_and_select_budget_is_refused_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    from dpmix_ray.cli import main
+    from dpmix_ray.sweep import run_sweep
+
+    cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[0.005], search__trials_per_epsilon=20)
+    with pytest.raises(BudgetError) as e:
+        run_sweep(cfg, out=tmp_path / "o", progress=False)
+    assert "\n" not in str(e.value)
+    yaml_path = tmp_path / "s.yaml"
+    yaml_path.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
+    assert main(["sweep", str(yaml_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "ε" in err
+    assert not (tmp_path / "o").exists() and not ray.is_initialized()
+
+
+def test_within_budget_check_survives_python_O() -> None:
+    B.check_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 1.99})
     with pytest.raises(BudgetError):
-        P.assert_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 2.01})
+        B.check_within_budget({"trial_epsilon": 2.0, "epsilon_spent": 2.01})
     with pytest.raises(BudgetError):
-        P.assert_within_budget({"epsilon": 2.0, "search_epsilon": 2.5})
+        B.check_within_budget({"epsilon": 2.0, "search_epsilon": 2.5})
+    code = "from dpmix_ray.sweep.budget import check_within_budget as c; c({'trial_epsilon': 2.0, 'epsilon_spent': 2.01})"
+    done = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode != 0 and "BudgetError" in done.stderr
+
+
+def test_trial_keeps_only_the_documented_result_keys() -> None:
+    from dpmix_ray.sweep.trial import RESULT_KEYS, result_fields
+
+    kept = result_fields({"val_accuracy": 0.9, "test_accuracy": 0.8, "noise_seed": 1234, "sampler_state": b"x"})
+    assert set(kept) == set(RESULT_KEYS) and kept["test_accuracy"] == 0.8 and 1234 not in kept.values()
 
 
 # --------------------------------------------------------------------------- out dir and ledger
@@ -153,7 +225,7 @@ def test_out_dir_identity_and_resume_checks(tmp_path: Path) -> None:
     assert S.check_out_dir(tmp_path, cfg, resume=False) is None
     with pytest.raises(ConfigError, match="no sweep to resume"):
         S.check_out_dir(tmp_path, cfg, resume=True)
-    S.write_state(tmp_path, S.SweepState(name="t", config_hash=config_hash(cfg), counts={}, storage_path=str(tmp_path)))
+    S.write_state(tmp_path, S.SweepState(name="t", config_hash=config_hash(cfg), counts={}, storage_path=str(tmp_path), n_train=300))
     with pytest.raises(ConfigError, match="--resume"):
         S.check_out_dir(tmp_path, cfg, resume=False)
     assert S.check_out_dir(tmp_path, cfg, resume=True) is not None
@@ -162,13 +234,19 @@ def test_out_dir_identity_and_resume_checks(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_shared_storage_mirrors_this_layout() -> None:
+    from dpmix_ray import storage
+
+    assert (storage.TUNE_DIR, storage.STATE_FILE) == (S.TUNE_DIR, S.STATE_FILE)
+
+
 def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: Path) -> None:
     def rec(index: int, val: float | None, status: str = "completed", phase: str = "search", test: float | None = None) -> dict[str, Any]:
         return {"group": "g", "phase": phase, "index": index, "status": status, "val_accuracy": val, "test_accuracy": test}
 
     for r in [rec(0, 0.5), rec(1, 0.9, "stopped"), rec(2, 0.7), rec(0, 0.7), rec(3, None, "pruned"), rec(0, 0.2, phase="final", test=0.99)]:
         S.append_record(tmp_path, r)
-    with (tmp_path / S.LEDGER_FILE).open("a") as f:
+    with S.path(tmp_path, S.LEDGER_FILE).open("a") as f:
         f.write('{"group": "g", "phase": "sea')  # torn by a kill
     records = S.read_records(tmp_path)
     assert len(records) == 5
@@ -181,12 +259,12 @@ def test_ledger_keeps_last_record_per_slot_and_selects_on_validation(tmp_path: P
 
 
 def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None:
-    from dpmix_ray.sweep.driver import GroupedSearcher
+    from dpmix_ray.sweep.search import GroupedSearcher
 
     cfg = sweep(final__seeds=2)
     groups = P.build_groups(cfg)
     db = tmp_path / "optuna.db"
-    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db)
+    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db, plans={}, synthetic=None)
     a, b, c = s.suggest("a"), s.suggest("b"), s.suggest("c")
     assert [x["group"] for x in (a, b, c)] == ["dpmix_self@eps=2", "dpmix_self@eps=8", "dpmix_self@eps=2"]
     assert s.suggest("d") is None  # searches issued, none finished: no finals yet
@@ -195,12 +273,13 @@ def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None
     s.on_trial_complete("c", {"val_accuracy": None, "trial_status": "pruned"})
     final = s.suggest("e")
     assert final["phase"] == "final" and final["params"] == a["params"] and final["seed"] != a["seed"]
+    assert final["plan"]["trial_epsilon"] == 2 and final["train"]["seed"] == final["seed"]  # planned here, in the driver
     s.save(str(tmp_path / "ckpt.pkl"))
 
     # A kill after Optuna handed out a trial that Tune's last snapshot never saw:
     s.suggest("lost")  # the second eps=2 final (no study involved) ...
     orphan = optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").ask()  # ... and an orphan
-    restored = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db)
+    restored = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 2, "dpmix_self@eps=8": 1}, db, plans={}, synthetic=None)
     restored.restore(str(tmp_path / "ckpt.pkl"))
     states = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=8", storage=f"sqlite:///{db}").trials}
     assert states[orphan.number] == optuna.trial.TrialState.FAIL
@@ -212,6 +291,18 @@ def test_grouped_searcher_round_robin_finals_and_restore(tmp_path: Path) -> None
     assert restored.suggest("g") == "FINISHED"  # eps=8 had no completed trial: no finals for it
     eps2 = {t.number: t.state for t in optuna.load_study(study_name="dpmix_self@eps=2", storage=f"sqlite:///{db}").trials}
     assert sorted(s.name for s in eps2.values()) == ["COMPLETE", "PRUNED"]
+
+
+def test_repeat_and_select_searcher_launches_every_trial_with_the_stored_group_plan(tmp_path: Path) -> None:
+    from dpmix_ray.sweep.search import GroupedSearcher
+
+    cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[2])
+    groups = P.build_groups(cfg)
+    stored = {k: B.TrialPlan.from_dict(p.as_dict()) for k, p in B.plan_groups(cfg, groups, n_train=240).items()}
+    s = GroupedSearcher(cfg, groups, {"dpmix_self@eps=2": 3}, tmp_path / "optuna.db", plans=stored, synthetic=None)
+    issued = [s.suggest(t) for t in "abc"]
+    assert {json.dumps(c["plan"], sort_keys=True) for c in issued} == {json.dumps(stored["dpmix_self@eps=2"].as_dict(), sort_keys=True)}
+    assert len({c["params"]["optim.lr"] for c in issued}) == 3
 
 
 def test_bad_input_starts_nothing(tmp_path: Path) -> None:
@@ -240,7 +331,7 @@ def local_ray() -> Any:
 
 
 def _ledger_lines(out: Path) -> list[dict[str, Any]]:
-    p = out / S.LEDGER_FILE
+    p = S.path(out, S.LEDGER_FILE)
     return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
 
@@ -265,15 +356,77 @@ def test_two_epsilon_sweep_end_to_end_with_failed_and_pruned_trials(tmp_path: Pa
     for r in records:
         if r["status"] == "completed":
             assert r["epsilon_spent"] <= r["epsilon"]  # every trial reports ε_spent, within its ε
-    for name in ("best_per_epsilon.csv", "best_per_epsilon.json", "best_per_epsilon.md", "trials.parquet", "accuracy_vs_epsilon.png", "report.html", "optuna.db"):
-        assert (out / name).is_file(), name
-    studies = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+    for name in (f"{S.RELEASE_TABLE}.csv", f"{S.RELEASE_TABLE}.json", f"{S.RELEASE_TABLE}.md", S.RELEASE_PLOT, S.TRIALS_TABLE,
+                 S.CURATOR_REPORT, S.OPTUNA_FILE, S.released_model_name("dpmix_self@eps=2"), S.released_model_name("dpmix_self@eps=8")):
+        assert S.path(out, name).is_file(), name
+    db = f"sqlite:///{S.path(out, S.OPTUNA_FILE)}"
+    studies = optuna.get_all_study_summaries(db)
     assert sorted(s.study_name for s in studies) == ["dpmix_self@eps=2", "dpmix_self@eps=8"]
-    states = sorted(t.state.name for s in studies for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials)
+    states = sorted(t.state.name for s in studies for t in optuna.load_study(study_name=s.study_name, storage=db).trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
-    (out / "report.html").unlink()
+    assert all(len(S.list_files(out, S.model_dir(g))) == 1 for g in ("dpmix_self@eps=2", "dpmix_self@eps=8"))  # the best only
+    S.remove(out, S.CURATOR_REPORT)
     build_report(out)  # `dpmix-ray report DIR` rebuilds from the ledger alone
-    assert "ONE training run" in (out / "report.html").read_text()
+    assert "ONE training run" in S.read_text(out, S.CURATOR_REPORT)
+
+
+@pytest.mark.slow
+def test_repeat_and_select_releases_the_selected_trials_own_model_and_numbers(tmp_path: Path, local_ray: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real repeat_and_select sweep: every released number is the selected search trial's own, computed from the released
+    model, and every trial ran the one plan made before Ray started; the final re-run stays with the curator."""
+    import torch
+
+    import dpmix_ray.sweep.driver as D
+    from dpmix_ray.data import load_splits
+    from dpmix_ray.models import build_model
+    from dpmix_ray.sweep import run_sweep
+
+    # K ≥ 2 so that there is a selection (the draw of K itself is tested without Ray, above).
+    monkeypatch.setattr(D, "trial_counts", lambda cfg, groups, rng: {g.key: 3 for g in groups})
+    cfg = sweep(tuning_privacy="repeat_and_select", epsilons=[4], space={"optim.lr": {"loguniform": [0.05, 2.0]}}, final__seeds=1)
+    out = run_sweep(cfg, out=tmp_path / "out", progress=False)
+
+    state = S.read_state(out)
+    plan = B.TrialPlan.from_dict(state.plans["dpmix_self@eps=4"])
+    assert plan.search_epsilon <= 4 and plan.trial_epsilon < 4 and plan.n_train == state.n_train
+    records = S.read_records(out)
+    assert [r["phase"] for r in records] == ["search"] * 3 + ["final"] and all(r["status"] == "completed" for r in records)
+    for r in records:  # one mechanism, planned once in the driver, for every trial
+        assert (r["noise_multiplier"], r["steps"], r["sample_rate"]) == (plan.run.noise_multiplier, plan.run.steps, plan.run.sample_rate)
+        assert r["trial_epsilon"] == plan.trial_epsilon and r["search_epsilon"] == plan.search_epsilon
+        assert r["test_accuracy"] is not None  # search trials evaluate test too ...
+    best = S.best_search_record(records)  # ... but selection reads validation accuracy only
+
+    doc = json.loads(S.read_text(out, f"{S.RELEASE_TABLE}.json"))
+    [row] = doc["rows"]
+    assert (row["val_accuracy"], row["test_accuracy"], row["hyperparameters"]) == (best["val_accuracy"], best["test_accuracy"], best["params"])
+    assert row["search_epsilon"] == plan.search_epsilon <= row["epsilon"] and "whole random search" in row["guarantee"]
+    assert not {"rerun_test_mean", "reruns", "trials_planned", "best_trial"} & set(row)  # the re-run is not covered: curator only
+    assert "re-runs: test mean" not in S.read_text(out, f"{S.RELEASE_TABLE}.md")
+
+    released = torch.load(S.path(out, f"{S.RELEASE}/{row['model']}"), weights_only=True)
+    assert released["guarantee"] == row["guarantee"] and released["private"]
+    train_cfg = SweepConfig.model_validate(cfg.model_dump()).base
+    splits = load_splits(train_cfg.data)
+    model = build_model(train_cfg.model, in_channels=splits.channels, num_classes=splits.num_classes, image_size=splits.image_size)
+    model.load_state_dict(released["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        assert [int((model(d.x).argmax(1) == d.y).sum()) / len(d) for d in (splits.val, splits.test)] == [row["val_accuracy"], row["test_accuracy"]]
+    assert {p.name for p in out.iterdir()} == {S.RELEASE, S.CURATOR}
+    assert set(released) == {"state_dict", "guarantee", "private", "epsilon", "delta", "config"}
+    # Each finished trial's checkpoint: its ledger record and (search trials) its weights, nothing the trainer did not document.
+    checkpoints = [torch.load(p, weights_only=False) for p in S.path(out, S.TUNE_DIR).rglob("state.pt")]
+    assert len(checkpoints) == 4 and all(set(c) == {"record", "seconds"} for c in checkpoints)
+    assert not [p for p in S.path(out, S.RELEASE).rglob("*") if p.suffix in (".jsonl", ".db", ".parquet", ".html")]
+
+    def no_replanning(*_: Any) -> None:
+        pytest.fail("re-planned on resume")
+
+    monkeypatch.setattr(D, "plan_groups", no_replanning)
+    monkeypatch.setattr(D, "training_size", no_replanning)
+    run_sweep(cfg, out=out, resume=True, progress=False)  # the stored plans, never new ones
+    assert S.read_state(out).plans == state.plans
 
 
 SUBPROCESS = """
@@ -313,8 +466,9 @@ def test_resume_after_kill_loses_nothing_and_runs_nothing_twice(tmp_path: Path, 
         assert {r["trial_id"] for r in again} == {trial_id}
         assert all(r["trial_seconds"] == again[0]["trial_seconds"] for r in again)
     assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c)  # + 1 final each
-    running = [t for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
-               for t in optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'optuna.db'}").trials if t.state.name == "RUNNING"]
+    db = f"sqlite:///{S.path(out, S.OPTUNA_FILE)}"
+    running = [t for s in optuna.get_all_study_summaries(db) for t in optuna.load_study(study_name=s.study_name, storage=db).trials
+               if t.state.name == "RUNNING"]
     assert not running
 
 
@@ -331,7 +485,7 @@ def test_crashed_worker_is_retried_from_its_checkpoint(tmp_path: Path, local_ray
     pid = None
     deadline = time.time() + 300  # generous: a loaded 2-core machine starts Ray workers slowly
     while pid is None and time.time() < deadline:
-        for result in (out / S.TUNE_DIR).glob("*/*/result.json"):
+        for result in S.path(out, S.TUNE_DIR).glob("*/*/result.json"):
             lines = result.read_text().splitlines()
             if lines:
                 pid = json.loads(lines[0])["pid"]
@@ -348,7 +502,7 @@ def test_grouped_scheduler_compares_trials_within_one_epsilon_only() -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
-    from dpmix_ray.sweep.driver import GroupedScheduler
+    from dpmix_ray.sweep.search import GroupedScheduler
 
     sched = GroupedScheduler(max_t=9)
 
@@ -401,6 +555,6 @@ def test_ray_client_mode_runs_the_sweep_on_the_head_and_copies_outputs_back(tmp_
     out = run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)
     assert out == tmp_path / "local"
     assert [r["status"] for r in S.read_records(out)] == ["completed"]
-    assert (out / "report.html").is_file() and (out / "best_per_epsilon.json").is_file()
+    assert S.path(out, S.CURATOR_REPORT).is_file() and S.path(out, f"{S.RELEASE_TABLE}.json").is_file()
     with pytest.raises(ConfigError, match="already holds"):  # the head's copy is the sweep's identity
         run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)

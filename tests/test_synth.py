@@ -3,7 +3,7 @@ pyarrow, 1-vs-2-worker byte identity, cache hit without a model load, resume, re
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import subprocess
 import sys
@@ -13,10 +13,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
-from dpmix_ray.config import SynthConfig
+from dpmix_ray.config import DataConfig, SynthConfig, load_data_config, load_synth_config
 from dpmix_ray.data import images_to_table
 from dpmix_ray.errors import ConfigError, DataError
+from dpmix_ray.synth import provenance
 from dpmix_ray.synth import sets as gen
 from dpmix_ray.synth import load_synthetic, resolve_synthetic, save_grid
 from dpmix_ray.synth.pipelines import resolve_model, to_uint8
@@ -24,6 +26,9 @@ from dpmix_ray.synth.pipelines import resolve_model, to_uint8
 CLASSES = ["cat", "dog"]
 # 2 classes × 6 images in shards of 4: 3 shards, the last one short.
 TINY = dict(model="tiny-random", classes=CLASSES, images_per_class=6, image_size=8, channels=1, steps=2, batch_size=4)
+# The dataset's classes, one image each, in two shards of 5.
+DIGITS = [str(i) for i in range(10)]
+BARE = dict(model="tiny-random", images_per_class=1, image_size=8, channels=1, steps=2, batch_size=5, workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +150,7 @@ def test_two_workers_write_a_set_plain_pyarrow_reads(two_workers: Path) -> None:
     manifest = gen.read_manifest(two_workers)
     assert manifest["counts"] == {"cat": 6, "dog": 6} and manifest["prompts"]["dog"] == "a photo of a dog"
     assert manifest["model"]["id"] == "tiny-random" and manifest["model"]["source"] == "builtin"
+    assert manifest["provenance"] == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
     assert [s["rows"] for s in manifest["shards"]] == [4, 4, 4]
     assert not two_workers.with_name(two_workers.name + ".partial").exists()
     s = load_synthetic(two_workers, class_names=["dog", "cat"], channels=1, image_size=8)  # mapped by name
@@ -275,11 +281,12 @@ def test_corrupt_set_is_refused_then_repaired(env: Path, two_workers: Path, monk
 def test_resolve_synthetic_and_grid(env: Path, two_workers: Path, monkeypatch) -> None:
     monkeypatch.setattr(gen, "_run_ray", _no_model)
     cfg = SynthConfig(**TINY, out=str(two_workers))
-    s = resolve_synthetic("synth", cfg, class_names=CLASSES, channels=1, image_size=8)
+    gate = {"private": "cifar10", "is_public": False}
+    s = resolve_synthetic("synth", cfg, class_names=CLASSES, channels=1, image_size=8, **gate)
     assert len(s) == 12
-    assert len(resolve_synthetic(str(two_workers), None, class_names=CLASSES, channels=1, image_size=8)) == 12
+    assert len(resolve_synthetic(str(two_workers), None, class_names=CLASSES, channels=1, image_size=8, **gate)) == 12
     with pytest.raises(ConfigError, match="synth.image_size"):
-        resolve_synthetic("synth", cfg, class_names=CLASSES, channels=1, image_size=28)
+        resolve_synthetic("synth", cfg, class_names=CLASSES, channels=1, image_size=28, **gate)
     with pytest.raises(DataError, match="1×8×8 but the dataset's are 3×8×8"):
         load_synthetic(two_workers, class_names=CLASSES, channels=3, image_size=8)
     with pytest.raises(DataError, match="only in the dataset: \\['bird'\\]"):
@@ -290,6 +297,19 @@ def test_resolve_synthetic_and_grid(env: Path, two_workers: Path, monkeypatch) -
 
     with Image.open(png) as img:  # 2 rows × 3 columns of 8 px cells with 2 px gaps, upscaled ×7
         assert img.size == ((3 * 10 + 2) * 7, (2 * 10 + 2) * 7)
+
+
+@pytest.mark.slow
+def test_synth_cli_with_a_data_section_runs_on_ray(ray_session: Path, tmp_path: Path) -> None:
+    """Issue 11's config end to end through Ray Data: classes from data, provenance in the manifest."""
+    from dpmix_ray import cli
+
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"name": "digits"}, "synth": BARE | {"workers": 2, "out": str(tmp_path / "set")}}))
+    assert cli.main(["synth", str(cfg), "--json"]) == 0
+    manifest = gen.read_manifest(tmp_path / "set")
+    assert manifest["classes"] == DIGITS and [s["rows"] for s in manifest["shards"]] == [5, 5]
+    assert manifest["provenance"] == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
 
 
 def test_class_conditional_model_samples_and_refuses_unknown_classes(env: Path) -> None:
@@ -315,3 +335,194 @@ def test_local_model_without_safetensors_is_refused(env: Path) -> None:
     spec = resolve_model(str(pickled))
     with pytest.raises(DataError, match="cannot load .* as safetensors"):
         TextToImage(spec, class_names=CLASSES, prompt="a {label}", steps=1, guidance=1.0, device="cpu")
+
+
+# --------------------------------------------------------------------------- provenance
+# Generation below runs the real model through ShardGenerator without Ray (``_bare``), so each test
+# takes a few seconds; the Ray path is the same code and is covered by the slow tests above.
+
+
+
+def _bare(spec, cfg, plan, shards, work, progress) -> None:
+    """``_run_ray`` without Ray: the same ShardGenerator per shard, written with plain pyarrow."""
+    make = gen.ShardGenerator(
+        spec, classes=list(plan.classes), prompt=cfg.prompt, steps=cfg.steps, guidance=gen.guidance_of(cfg, spec),
+        image_size=cfg.image_size, channels=cfg.channels, device="cpu", threads=1, plan=plan,
+    )
+    for s in shards:
+        pq.write_table(make(plan.table(s)).drop_columns(["shard"]), work / gen.shard_name(s))
+
+
+@pytest.fixture
+def bare(env: Path, monkeypatch) -> Path:
+    monkeypatch.setattr(gen, "_run_ray", _bare)
+    return env
+
+
+def _one_line(e: pytest.ExceptionInfo, *needles: str) -> None:
+    assert "\n" not in str(e.value)
+    for needle in needles:
+        assert needle in str(e.value), str(e.value)
+
+
+def test_set_key_of_existing_configs_is_unchanged() -> None:
+    """Adding synth.trained_on must not re-key (and regenerate or refuse) sets made before it existed."""
+    assert gen.set_key(SynthConfig(**TINY), CLASSES) == "926f44827c51c586"
+    assert gen.set_key(SynthConfig(), DIGITS) == "95dd469b3d0fb071"
+    assert gen.set_key(SynthConfig(**TINY, trained_on=["cifar10"]), CLASSES) != "926f44827c51c586"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("digits", "digits", True), ("sklearn-digits", "digits", True), ("optdigits", "digits", True),
+        ("digits", "mnist5k", False), ("mnist", "mnist5k", True), ("ylecun/MNIST", "mnist5k", True),
+        ("emnist", "mnist5k", True), ("CIFAR-10", "cifar10", True), ("cifar100", "cifar10", False),
+        ("uoft-cs/cifar10", "cifar10", True), ("80M Tiny Images", "cifar100", True), ("laion/laion2B-en", "cifar10", False),
+        ("npz:/d/x.npz", "npz:/d/x.npz", True), ("imagefolder:/d", "parquet:/d/sub/x.parquet", True),
+        ("npz:/d/x.npz", "npz:/d/y.npz", False), ("npz:/d/mnist.npz", "mnist", False),
+    ],
+)
+def test_same_data_is_decided_on_collections_and_paths(a: str, b: str, same: bool) -> None:
+    assert provenance.same_data(a, b) is same and provenance.same_data(b, a) is same
+
+
+def test_provenance_of_built_ins_cards_and_declarations(env: Path, monkeypatch) -> None:
+    from dpmix_ray.synth.digits_ddpm import train
+
+    assert provenance.of_model(SynthConfig(model="tiny-random"), None).to_json() == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
+    assert provenance.of_model(SynthConfig(model="digits-ddpm"), None).trained_on == ("sklearn-digits",)
+    plain = env / "plain-model"
+    plain.mkdir(exist_ok=True)
+    assert provenance.of_model(SynthConfig(model=str(plain)), plain) == provenance.Provenance(None)
+    (plain / "README.md").write_text("---\nlicense: mit\ndatasets:\n- laion/laion2B-en\n- ylecun/mnist\n---\n# A model\n")
+    card = provenance.of_model(SynthConfig(model=str(plain)), plain)
+    assert card.trained_on == ("laion/laion2B-en", "ylecun/mnist") and card.declared_by == ("model card (README.md datasets)",)
+    monkeypatch.chdir(env)
+    both = provenance.of_model(SynthConfig(model=str(plain), trained_on=["npz:pub.npz", "laion/laion2B-en"]), plain)
+    assert both.trained_on == ("laion/laion2B-en", f"npz:{env / 'pub.npz'}", "ylecun/mnist"), "a union, paths made absolute"
+    assert both.declared_by == ("model card (README.md datasets)", "synth.trained_on")
+    cc = env / "cc-card"
+    train(cc, steps=1, progress=False)
+    assert provenance.of_model(SynthConfig(model=str(cc)), cc).trained_on == ("sklearn-digits",), "digits-ddpm's own file says so"
+
+
+def test_check_public_refuses_seen_and_unvouched_sets() -> None:
+    digits_ddpm = provenance.of_model(SynthConfig(model="digits-ddpm"), None)
+    for vouched in (False, True):  # the flag never overrides a recorded overlap
+        with pytest.raises(ConfigError) as e:
+            provenance.check_public(digits_ddpm, private="digits", is_public=vouched, where="s")
+        _one_line(e, "mix.synthetic:", "sklearn-digits", "data.name: digits")
+    provenance.check_public(digits_ddpm, private="mnist5k", is_public=False, where="s")
+    for unknown in (None, provenance.Provenance(None)):
+        with pytest.raises(ConfigError) as e:
+            provenance.check_public(unknown, private="digits", is_public=False, where="s")
+        _one_line(e, "mix.synthetic_is_public: true")
+        provenance.check_public(unknown, private="digits", is_public=True, where="s")
+
+
+def test_manifest_records_provenance_deterministically(bare: Path) -> None:
+    paths = [gen.generate(SynthConfig(**BARE, out=str(bare / f"prov{i}")), class_names=DIGITS, progress=False) for i in (1, 2)]
+    blocks = [gen.read_manifest(p)["provenance"] for p in paths]
+    assert blocks[0] == blocks[1] == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
+    assert gen.read_provenance(paths[0]) == provenance.Provenance((), ("built-in tiny-random",))
+    s = resolve_synthetic(str(paths[0]), None, class_names=DIGITS, channels=1, image_size=8, private="digits", is_public=False)
+    assert len(s) == 10
+
+
+def test_set_made_before_provenance_gets_it_on_reuse(bare: Path, monkeypatch) -> None:
+    cfg = SynthConfig(**BARE, out=str(bare / "old"))
+    out = gen.generate(cfg, class_names=DIGITS, progress=False)
+    manifest = gen.read_manifest(out)
+    del manifest["provenance"]
+    (out / gen.MANIFEST).write_text(json.dumps(manifest))
+    assert gen.read_provenance(out) is None
+    monkeypatch.setattr(gen, "_run_ray", _no_model)
+    assert gen.generate(cfg, class_names=DIGITS, progress=False) == out
+    assert gen.read_provenance(out) == provenance.Provenance((), ("built-in tiny-random",))
+
+
+def _tiny_copy(where: Path, card: str | None = None) -> Path:
+    """A local copy of the tiny-random pipeline (no built-in record), optionally with a model card."""
+    from dpmix_ray.synth.pipelines import ensure_tiny_random
+
+    if not where.exists():
+        shutil.copytree(ensure_tiny_random(), where)
+    if card is not None:
+        (where / "README.md").write_text(card)
+    return where
+
+
+def test_training_refuses_a_set_whose_generator_saw_the_private_data(bare: Path, monkeypatch) -> None:
+    from dpmix_ray import trainer
+    from dpmix_ray.config import load_train_config
+
+    steps = []
+    cfg = load_train_config(None, [
+        "data.name=digits", "method=dpmix_diff", "mix.aug_multiplicity=2", "mix.self_mix=1", "mix.diff_mix=1",
+        "mix.synthetic=synth", "mix.synthetic_is_public=true", "synth.model=digits-ddpm", "synth.image_size=8",
+        f"synth.out={bare / 'never'}",
+    ])
+    with monkeypatch.context() as mp, pytest.raises(ConfigError) as e:
+        mp.setattr(gen, "resolve_model", _no_model)  # digits-ddpm is neither trained nor loaded
+        trainer.train(cfg, progress=False, on_epoch=steps.append)
+    _one_line(e, "synth.model", "built-in digits-ddpm", "data.name: digits")
+    assert not steps and not (bare / "never").exists()
+
+    # A local model whose card declares the private data: refused after reading the card, before any image.
+    monkeypatch.setattr(gen, "_run_ray", _no_model)
+    model = _tiny_copy(bare / "card-mnist", "---\ndatasets: [ylecun/mnist]\n---\n")
+    with pytest.raises(ConfigError, match="ylecun/mnist .*data.name: mnist5k"):
+        gen.generate_for(SynthConfig(**BARE | {"model": str(model), "out": str(bare / "no")}), DataConfig(name="mnist5k"))
+    assert not list(bare.glob("no*")), "nothing written"
+
+
+def test_a_set_without_provenance_needs_synthetic_is_public(bare: Path, tmp_path: Path) -> None:
+    from dpmix_ray import trainer
+    from dpmix_ray.config import load_train_config
+    from dpmix_ray.data import write_labelled_images
+
+    write_labelled_images(tmp_path / "pub.npz", np.zeros((10, 1, 8, 8), np.uint8), np.arange(10), DIGITS)
+    args = ["data.name=digits", "method=dpmix_diff", "mix.aug_multiplicity=2", "mix.self_mix=1", "mix.diff_mix=1",
+            f"mix.synthetic={tmp_path / 'pub.npz'}", "optim.batch_size=64", "optim.epochs=0.1", "privacy.epsilon=8"]
+    steps = []
+    with pytest.raises(ConfigError) as e:
+        trainer.train(load_train_config(None, args), progress=False, on_epoch=steps.append)
+    _one_line(e, "mix.synthetic_is_public: true", "pub.npz")
+    assert not steps
+    assert trainer.train(load_train_config(None, [*args, "mix.synthetic_is_public=true"]), progress=False)["diff_mix"] == 1
+
+    # A generated set whose local model declares nothing records trained_on: null, and is gated the same way.
+    cfg = SynthConfig(**BARE | {"model": str(_tiny_copy(bare / "no-card")), "out": str(bare / "unknown")})
+    with pytest.raises(ConfigError, match="mix.synthetic_is_public"):
+        gen.generate_for(cfg, DataConfig(name="digits"), synthetic_is_public=False, progress=False)
+    assert gen.read_manifest(bare / "unknown")["provenance"] == {"trained_on": None, "declared_by": []}
+    assert gen.generate_for(cfg, DataConfig(name="digits"), synthetic_is_public=True, progress=False) == bare / "unknown"
+    declared = cfg.model_copy(update={"trained_on": ["laion/laion2B-en"], "out": str(bare / "declared")})
+    out = gen.generate_for(declared, DataConfig(name="digits"), synthetic_is_public=False, progress=False)
+    assert gen.read_provenance(out) == provenance.Provenance(("laion/laion2B-en",), ("synth.trained_on",))
+
+
+# --------------------------------------------------------------------------- class names from the data section
+
+
+def test_synth_cli_takes_classes_from_the_data_section(bare: Path, tmp_path: Path, capsys) -> None:
+    """Issue 11: ``data: {name: digits}``, ``model: tiny-random`` and no synth.classes was refused."""
+    from dpmix_ray import cli
+
+    synth = {**BARE, "out": str(tmp_path / "set")}
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"name": "digits"}, "synth": synth}))
+    assert cli.main(["synth", str(cfg), "--json"]) == 0
+    assert gen.read_manifest(tmp_path / "set")["classes"] == DIGITS
+    assert cli.main(["synth", str(cfg), "--json", "--set", "synth.model=digits-ddpm"]) == 2  # digits-ddpm saw digits
+    assert "synth.model" in capsys.readouterr().err
+
+    # A sweep config: synth and data under its base (inline, or a train config file it points to).
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"base": {"data": {"name": "digits"}, "synth": synth | {"images_per_class": 2}}}))
+    assert load_synth_config(sweep).images_per_class == 2 and load_data_config(sweep) == DataConfig(name="digits")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"name": "mnist5k"}}))
+    sweep.write_text(yaml.safe_dump({"base": "base.yaml", "synth": synth}))
+    assert load_data_config(sweep) == DataConfig(name="mnist5k") and load_synth_config(sweep).model == "tiny-random"
+    assert load_data_config(sweep, ["base=null"]) is None

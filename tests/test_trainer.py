@@ -1,13 +1,18 @@
 """The one trainer core end to end, on the offline digits data (seconds on CPU)."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from dpmix_ray import grads as G
 from dpmix_ray import trainer as T
 from dpmix_ray.config import load_train_config
 from dpmix_ray.data import load_splits
 from dpmix_ray.errors import BudgetError, DivergedError
+from dpmix_ray.privacy import plan_run
 
 TINY = ["data.name=digits", "optim.batch_size=64", "optim.epochs=1", "mix.aug_multiplicity=2", "mix.self_mix=1", "optim.lr=1.0"]
 
@@ -21,19 +26,22 @@ def test_private_run_reports_everything_and_stays_within_budget(digits):
     cfg = load_train_config(None, TINY + ["privacy.epsilon=4"])
     epochs = []
     res = T.train(cfg, splits=digits, progress=False, on_epoch=epochs.append)
-    for key in ["method", "val_accuracy", "test_accuracy", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
+    for key in ["method", "private", "guarantee", "val_accuracy", "test_accuracy", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
                 "sample_rate", "steps", "epochs", "clip_norm", "aug_multiplicity", "self_mix", "diff_mix", "seed",
                 "wall_seconds", "images_per_second"]:
         assert key in res
     assert 0.98 * 4 <= res["epsilon_spent"] <= 4
-    assert res["steps"] == 20 and len(epochs) == 1 and epochs[0].metrics["epsilon_spent"] == pytest.approx(res["epsilon_spent"])
+    assert res["steps"] == 20 and epochs[-1].step == 20 and epochs[-1].metrics["epsilon_spent"] == pytest.approx(res["epsilon_spent"])
     assert res["images_per_second"] > 0 and 0 <= res["test_accuracy"] <= 1
+    assert res["private"] is True and f"N={res['n_train']} examples of the training split" in res["guarantee"]
+    assert all("train_loss" not in e.metrics for e in epochs)  # computed on private data without noise: not reported
 
 
 def test_nonprivate_learns(digits):
     cfg = load_train_config(None, TINY + ["method=nonprivate", "optim.epochs=3", "optim.lr=0.05", "optim.momentum=0.9"])
     res = T.train(cfg, splits=digits, progress=False)
     assert res["val_accuracy"] > 0.6 and res["epsilon_spent"] is None
+    assert res["private"] is False and res["guarantee"].startswith("NOT PRIVATE")
 
 
 def test_over_budget_is_refused_before_anything_is_built(digits, monkeypatch):
@@ -46,17 +54,33 @@ def test_over_budget_is_refused_before_anything_is_built(digits, monkeypatch):
         T.train(cfg, splits=digits, progress=False)
 
 
+def test_a_given_plan_is_used_or_refused_before_anything_is_built(digits, monkeypatch):
+    cfg = load_train_config(None, TINY + ["optim.epochs=0.1", "privacy.epsilon=4"])
+    plan = plan_run(cfg, len(digits.train))
+    fitted = T.fit(cfg, plan, splits=digits, progress=False)
+    assert fitted.result["steps"] == plan.steps and fitted.result["noise_multiplier"] == plan.noise_multiplier
+    assert not fitted.model.training and fitted.result["val_accuracy"] == T.evaluate(fitted.model, digits.val)
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built for a refused plan")
+
+    monkeypatch.setattr(T, "build_model", boom)
+    for bad in (plan_run(cfg, len(digits.train) // 2), dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 3)):
+        with pytest.raises(BudgetError, match="privacy plan refused"):
+            T.train(cfg, bad, splits=digits, progress=False)
+
+
 @pytest.mark.parametrize("fast", [None, G.per_example_grads_vmap])  # None: the trainer's default fast path
 def test_trainer_fast_paths_equal_the_reference_loop(digits, fast):
-    cfg = load_train_config(None, TINY + ["optim.epochs=0.2", "privacy.epsilon=8"])
+    cfg = load_train_config(None, TINY + ["optim.epochs=0.2", "privacy.epsilon=8", "privacy.reproducible=true"])
     a = T.train(cfg, splits=digits, progress=False, per_example_fn=fast)
     b = T.train(cfg, splits=digits, progress=False, per_example_fn=G.per_example_grads_loop)
     assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 180)
     assert a["steps"] == b["steps"] and a["noise_multiplier"] == b["noise_multiplier"]
 
 
-def test_resume_from_an_epoch_checkpoint_is_exact(digits):
-    cfg = load_train_config(None, TINY + ["optim.epochs=2", "privacy.epsilon=8"])
+def test_resume_from_an_epoch_checkpoint_is_exact_in_reproducible_mode(digits):
+    cfg = load_train_config(None, TINY + ["optim.epochs=2", "privacy.epsilon=8", "privacy.reproducible=true"])
     states = []
     full = T.train(cfg, splits=digits, progress=False, on_epoch=lambda r: states.append(r.state()))
     resumed = T.train(cfg, splits=digits, progress=False, resume_state=states[0])
@@ -64,9 +88,11 @@ def test_resume_from_an_epoch_checkpoint_is_exact(digits):
 
 
 def test_divergence_is_reported(digits):
+    """Seen in the parameters (post-processing of the released updates), not in the private loss."""
+
     def nan_fn(model, imgs, tgts):
         g, losses = G.per_example_grads_vmap(model, imgs, tgts)
-        return g, losses * float("nan")
+        return {k: v * float("nan") for k, v in g.items()}, losses
 
     cfg = load_train_config(None, TINY)
     with pytest.raises(DivergedError, match="diverged"):
@@ -76,11 +102,11 @@ def test_divergence_is_reported(digits):
 def test_dpmix_diff_trains_on_a_labelled_npz_set(digits, tmp_path):
     from dpmix_ray.data import write_labelled_images
 
-    # A stand-in public set: blurred class means of digits (any labelled images of the right shape work).
-    x = torch.stack([digits.train.x[digits.train.y == c].mean(0) for c in range(10)]).repeat(3, 1, 1, 1)
+    # A stand-in public set that never saw digits: seeded noise images, three a class, vouched public.
+    x = torch.rand(30, *digits.train.x.shape[1:], generator=torch.Generator().manual_seed(0))
     write_labelled_images(tmp_path / "syn.npz", (x * 255).round().to(torch.uint8).numpy(), torch.arange(30).remainder(10).numpy(), digits.class_names)
     cfg = load_train_config(None, TINY + ["method=dpmix_diff", "mix.diff_mix=2", f"mix.synthetic={tmp_path / 'syn.npz'}",
-                                          "mix.diff_pairing=same_class", "optim.epochs=0.3"])
+                                          "mix.synthetic_is_public=true", "mix.diff_pairing=same_class", "optim.epochs=0.3"])
     res = T.train(cfg, splits=digits, progress=False)
     assert res["diff_mix"] == 2 and res["epsilon_spent"] <= cfg.privacy.epsilon
     # G = K + m + n = 2 + 1 + 2 images per example went through the model
@@ -97,3 +123,46 @@ def test_augmentation_defaults(digits):
     assert T.augmentation(load_train_config(None, TINY + ["mix.crop_padding=3", "mix.flip=false"]), natural) == (False, 3)
     dpsgd = load_train_config(None, TINY + ["method=dpsgd", "mix.aug_multiplicity=1", "mix.self_mix=0"])
     assert T.augmentation(dpsgd, natural) == (False, 0)  # plain DP-SGD sees raw images
+
+
+class Transfers(TorchFunctionMode):
+    """Counts the calls that can copy host data to a device: ``Tensor.to``/``cuda`` given a device or a
+    tensor, ``torch.tensor``/``as_tensor`` (and ``torch.from_numpy``, patched, not a torch function).
+    On CPU they copy nothing, but the same calls on CUDA would each be a host-to-device copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            targets = list(args[1:]) + list(kwargs.values())
+            self.count += any(isinstance(t, (torch.device, str, int, torch.Tensor)) and not isinstance(t, bool) for t in targets)
+        elif func in (torch.tensor, torch.as_tensor):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_a_step_copies_nothing_from_the_host(digits, monkeypatch):
+    """The data go to the device once: runs of 2 and 6 steps (8 examples per physical chunk: 16 and
+    48 chunks) make the same number of transfer calls, all of them set-up."""
+
+    def count(epochs: float) -> tuple[int, int]:
+        mode = Transfers()
+        from_numpy = torch.from_numpy
+        monkeypatch.setattr(torch, "from_numpy", lambda a: setattr(mode, "count", mode.count + 1) or from_numpy(a))
+        cfg = load_train_config(None, TINY + [f"optim.epochs={epochs}", "optim.physical_batch_size=24"])
+        with mode:
+            res = T.train(cfg, splits=digits, progress=False)
+        return mode.count, res["steps"]
+
+    (short, short_steps), (long, long_steps) = count(0.1), count(0.3)
+    assert short_steps < long_steps
+    assert short == long > 0, (short, long)  # > 0: the set-up copies are seen, so per-step ones would be
+    probe = Transfers()
+    with probe:
+        torch.zeros(2).to(torch.device("cpu"))
+        torch.zeros(2).to(torch.float64)  # a dtype change is no transfer
+        torch.as_tensor(np.zeros(2))
+    assert probe.count == 2

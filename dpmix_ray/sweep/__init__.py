@@ -1,7 +1,8 @@
 """Ray Tune + Optuna search for the best DP-Mix recipe per ε (see :mod:`dpmix_ray.sweep.driver`).
 
-Importing this package does not import Ray: the pure planning and ledger code (``plan``, ``state``)
-is used by the report and the tests without it.
+Importing this package does not import Ray: the pure modules (``plan``: what runs; ``budget``: the
+privacy plans; ``claims``: what ε covers; ``state``: the release/ and curator/ layout and its I/O)
+are used by the report and the tests without it.
 """
 
 from __future__ import annotations

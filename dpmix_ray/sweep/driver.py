@@ -1,19 +1,15 @@
-"""The sweep driver: one Ray Tune experiment holding every (method, ε) study.
+"""The sweep driver: plan, then one Ray Tune experiment holding every (method, ε) study, then the report.
 
-Why one Tuner and not one per ε: a single Tune controller sees every pending trial of every ε, so
-whenever a trial slot frees up anywhere on the cluster the next trial of *any* study takes it (no
-ε waits for another, no slot idles at a study's tail), actors are reused across studies, and there
-is one experiment checkpoint to resume from. Two small adapters make that one experiment behave
-like independent studies:
+Before Ray starts: the sweep is checked, N is read, and under repeat_and_select every group's
+privacy plan is fixed (an infeasible budget stops here, with nothing written). Then one Tuner: a
+single Tune controller sees every pending trial of every ε, so whenever a trial slot frees up
+anywhere on the cluster the next trial of *any* study takes it (no ε waits for another, no slot
+idles at a study's tail), actors are reused across studies, and there is one experiment checkpoint
+to resume from; :mod:`dpmix_ray.sweep.search` makes that one experiment behave like independent
+studies. As trials finish, :class:`SweepCallback` writes the ledger and keeps each group's best
+model so far (the release candidate).
 
-* :class:`GroupedSearcher` keeps one ``OptunaSearch`` per group (each its own Optuna study in the
-  one ``optuna.db``), hands out that group's drawn number of trials, and once a group's search is
-  over issues its ``final.seeds`` fresh-seed re-runs of the best config (selected on validation
-  accuracy only) while the other groups keep searching.
-* :class:`GroupedScheduler` runs one ASHA per group: trials at ε=1 must never be stopped for being
-  worse than trials at ε=8.
-
-Ray is imported here and in :mod:`dpmix_ray.sweep.trial` only.
+Ray is imported here, in :mod:`dpmix_ray.sweep.search` and in :mod:`dpmix_ray.sweep.trial` only.
 """
 
 from __future__ import annotations
@@ -22,48 +18,23 @@ import json
 import logging
 import math
 import os
-import pickle
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import optuna
 import yaml
-from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
+from dpmix_ray import storage as shared
 from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
 from dpmix_ray.errors import ConfigError
-from dpmix_ray.sweep.plan import (
-    METRIC,
-    Group,
-    assert_within_budget,
-    build_groups,
-    check_sweep,
-    optuna_distributions,
-    trial_counts,
-    trial_seed,
-)
-from dpmix_ray.sweep.state import (
-    EXPERIMENT,
-    OPTUNA_FILE,
-    TUNE_DIR,
-    SweepState,
-    append_record,
-    check_out_dir,
-    read_records,
-    sweep_complete,
-    write_config,
-    write_state,
-)
-from dpmix_ray.sweep.trial import run_trial
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+from dpmix_ray.sweep import state as S
+from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, plan_groups, training_size
+from dpmix_ray.sweep.plan import METRIC, Group, build_groups, check_sweep, trial_counts
+from dpmix_ray.sweep.search import GroupedScheduler, GroupedSearcher
+from dpmix_ray.sweep.trial import MODEL_FILE, run_trial
 
 STORAGE_ENV = "DPMIX_RAY_STORAGE_PATH"
 # A crashed worker's trial is retried from its last epoch checkpoint this many times.
@@ -71,194 +42,31 @@ MAX_RETRIES = 2
 log = logging.getLogger(__name__)
 
 
-class _Study(OptunaSearch):
-    """``OptunaSearch`` that also tells Optuna about outcomes Tune only sees as plain completions."""
-
-    def finish(self, trial_id: str, *, value: float | None, state: TrialState) -> None:
-        try:
-            self._ot_study.tell(self._ot_trials[trial_id], value if state == TrialState.COMPLETE else None, state=state)
-        except ValueError as e:  # already told before a kill, and re-reported after the resume
-            log.info("optuna: %s", e)
-        self._completed_trials.add(trial_id)
-
-    def fail_orphans(self) -> None:
-        """Mark Optuna trials left RUNNING by a kill before Tune's last snapshot as FAIL (Tune will never finish them)."""
-        known = {t.number for t in self._ot_trials.values()}
-        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number not in known:
-                self._ot_study.tell(t.number, state=TrialState.FAIL)
-
-
-def _make_study(cfg: SweepConfig, group: Group, index: int, count: int, storage: optuna.storages.BaseStorage) -> _Study:
-    seed = cfg.search.seed + index
-    if cfg.search.sampler == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        # Startup trials are random; with a handful of trials per ε, TPE should still get to model some.
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, count // 2)), constant_liar=True)
-    study = _Study(
-        space=optuna_distributions(group.space), metric=METRIC, mode="max", sampler=sampler,
-        study_name=group.key, storage=storage,
-    )
-    study.fail_orphans()
-    return study
-
-
-class GroupedSearcher(Searcher):
-    """Round-robins suggestions over per-group Optuna studies; then the best config's final re-runs."""
-
-    def __init__(self, cfg: SweepConfig, groups: list[Group], counts: dict[str, int], db: Path):
-        super().__init__(metric=METRIC, mode="max")
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
-        self._cfg = cfg
-        self._keys = [g.key for g in groups]
-        self._counts = dict(counts)
-        self._studies: dict[str, _Study | None] = {
-            g.key: _make_study(cfg, g, i, counts[g.key], storage) if g.space else None for i, g in enumerate(groups)
-        }
-        self._issued = {k: 0 for k in self._keys}
-        self._finals = {k: 0 for k in self._keys}
-        self._open: dict[str, set[str]] = {k: set() for k in self._keys}
-        self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> the config it was issued
-        self._best: dict[str, dict[str, Any]] = {}  # group -> value, index, params of its best completed search trial
-        self._next = 0
-
-    def _search_over(self, key: str) -> bool:
-        return self._issued[key] >= self._counts[key] and not self._open[key]
-
-    def _finals_wanted(self, key: str) -> int:
-        return self._cfg.final.seeds if key in self._best else 0
-
-    def _issue(self, trial_id: str, key: str, phase: str, index: int, params: dict[str, Any]) -> dict[str, Any]:
-        config = {"group": key, "phase": phase, "index": index, "seed": trial_seed(self._cfg, phase, index), "params": params}
-        self._trials[trial_id] = config
-        return config
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        for key in self._keys:  # finals first: they complete a row of the table
-            if self._search_over(key) and self._finals[key] < self._finals_wanted(key):
-                self._finals[key] += 1
-                return self._issue(trial_id, key, "final", self._finals[key] - 1, dict(self._best[key]["params"]))
-        for shift in range(len(self._keys)):
-            key = self._keys[(self._next + shift) % len(self._keys)]
-            if self._issued[key] < self._counts[key]:
-                self._next = (self._next + shift + 1) % len(self._keys)
-                study = self._studies[key]
-                params = study.suggest(trial_id) if study is not None else {}
-                self._issued[key] += 1
-                self._open[key].add(trial_id)
-                return self._issue(trial_id, key, "search", self._issued[key] - 1, params)
-        if all(self._search_over(k) and self._finals[k] >= self._finals_wanted(k) for k in self._keys):
-            return Searcher.FINISHED
-        return None  # waiting for a group's search to end before its finals
-
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        issued = self._trials[trial_id]
-        study = self._studies[issued["group"]]
-        if issued["phase"] == "search" and study is not None and "trial_status" not in result and result.get(METRIC) is not None:
-            try:
-                study.on_trial_result(trial_id, result)
-            except optuna.exceptions.UpdateFinishedTrialError:  # told before a kill, re-trained after the resume
-                pass
-
-    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        issued = self._trials[trial_id]
-        key = issued["group"]
-        if issued["phase"] != "search":
-            return
-        self._open[key].discard(trial_id)
-        status = (result or {}).get("trial_status")
-        value = (result or {}).get(METRIC)
-        best = self._best.get(key)
-        if status == "completed" and value is not None and (best is None or (value, -issued["index"]) > (best["value"], -best["index"])):
-            self._best[key] = {"value": value, "index": issued["index"], "params": issued["params"]}  # same rule as the report
-        study = self._studies[key]
-        if study is None:
-            return
-        if error or status == "failed":
-            state = TrialState.FAIL
-        elif status == "completed" and value is not None:
-            state = TrialState.COMPLETE
-        else:  # refused by the planner, or stopped early by ASHA
-            state = TrialState.PRUNED
-        study.finish(trial_id, value=value, state=state)
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-        for study in self._studies.values():
-            if study is not None:
-                study.fail_orphans()
-
-
-class GroupedScheduler(FIFOScheduler):
-    """One ASHA per group over epoch reports; finals, refusals and final reports pass through."""
-
-    def __init__(self, max_t: int):
-        super().__init__()
-        self._metric = METRIC
-        self._max_t = max_t
-        self._asha: dict[str, AsyncHyperBandScheduler] = {}
-
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        return True
-
-    def _for(self, trial: Any) -> AsyncHyperBandScheduler | None:
-        if trial.config.get("phase") != "search":
-            return None
-        key = trial.config["group"]
-        if key not in self._asha:
-            self._asha[key] = AsyncHyperBandScheduler(
-                metric=METRIC, mode="max", max_t=self._max_t, grace_period=1, reduction_factor=3, stop_last_trials=False
-            )
-        return self._asha[key]
-
-    @staticmethod
-    def _epoch_result(result: dict[str, Any]) -> bool:
-        return "trial_status" not in result and result.get(METRIC) is not None
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        if (asha := self._for(trial)) is not None:
-            asha.on_trial_add(tune_controller, trial)
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        asha = self._for(trial)
-        if asha is None or not self._epoch_result(result):
-            return TrialScheduler.CONTINUE
-        return asha.on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
-        if (asha := self._for(trial)) is not None:
-            if self._epoch_result(result):
-                asha.on_trial_complete(tune_controller, trial, result)
-            else:
-                asha.on_trial_remove(tune_controller, trial)
-
-    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
-        if (asha := self._for(trial)) is not None:
-            asha.on_trial_remove(tune_controller, trial)
-
-    def debug_string(self) -> str:
-        return f"ASHA per group ({len(self._asha)} groups)"
-
-
 def _ledger_record(trial: Any, status: str, reason: str) -> dict[str, Any]:
     """A record for a trial that never sent its own (stopped early, or crashed past its retries)."""
     last = trial.last_result or {}
     c = trial.config
+    plan = c["plan"] or {}
     return {
-        "trial_id": trial.trial_id, "group": c["group"], "phase": c["phase"], "index": c["index"], "seed": c["seed"],
-        "params": c["params"], "status": status, "reason": reason, "val_accuracy": last.get(METRIC),
-        "epsilon_spent": last.get("epsilon_spent"), "epochs_reported": last.get("epoch"), "retries": trial.num_failures,
+        **{k: c[k] for k in ("group", "method", "epsilon", "delta", "phase", "index", "seed", "params")},
+        "trial_id": trial.trial_id, "status": status, "reason": reason, "val_accuracy": last.get(METRIC),
+        "epsilon_spent": last.get("epsilon_spent"), "trial_epsilon": plan.get("trial_epsilon"), "search_epsilon": plan.get("search_epsilon"),
+        "epochs_reported": last.get("epoch"), "retries": trial.num_failures,
     }
 
 
+def _checkpoint_file(trial: Any, name: str) -> bytes | None:
+    """One file of the trial's last checkpoint (wherever Tune's storage is)."""
+    ckpt = trial.checkpoint
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        p = Path(d) / name
+        return p.read_bytes() if p.is_file() else None
+
+
 class SweepCallback(tune.Callback):
-    """Writes every finished trial to the ledger at once, and draws the live progress view."""
+    """Writes every finished trial to the ledger at once, keeps each group's best model, draws the live progress view."""
 
     def __init__(self, out: Path, total: int, progress: bool):
         self._out = out
@@ -271,15 +79,35 @@ class SweepCallback(tune.Callback):
             from tqdm.auto import tqdm
 
             # disable=None: a live bar on a terminal, only the per-trial lines in a log file.
-            self._bar = tqdm(total=self._total, initial=len(read_records(self._out)), desc="trials", unit="trial", dynamic_ncols=True, disable=None)
+            self._bar = tqdm(total=self._total, initial=len(S.read_records(self._out)), desc="trials", unit="trial", dynamic_ncols=True, disable=None)
+
+    def _keep_if_best(self, trial: Any, record: dict[str, Any]) -> None:
+        """Before the ledger: a completed search trial that is now its group's best (by validation) leaves its
+        model in curator/models; the group's previous best's is dropped after the ledger has the new one."""
+        if record["phase"] != "search" or record["status"] != "completed":
+            return
+        slot = (record["phase"], record["index"])
+        mine = [r for r in S.read_records(self._out) if r["group"] == record["group"] and (r["phase"], r["index"]) != slot]
+        if S.best_search_record([*mine, record]) is not record:
+            return
+        weights = _checkpoint_file(trial, MODEL_FILE)
+        if weights is not None:
+            S.write_file(self._out, S.model_name(record["group"], record["index"]), weights)
+
+    def _drop_superseded(self, group: str) -> None:
+        best = S.best_search_record([r for r in S.read_records(self._out) if r["group"] == group])
+        keep = S.model_name(group, best["index"]) if best is not None else None
+        for name in S.list_files(self._out, S.model_dir(group)):
+            if name != keep:
+                S.remove(self._out, name)
 
     def _write(self, record: dict[str, Any]) -> None:
-        append_record(self._out, record)
+        S.append_record(self._out, record)
         if self._bar is not None:
             val = record.get("val_accuracy")
             acc = f"val {val:.4f}" if val is not None else ""
             test = record.get("test_accuracy")
-            acc += f" test {test:.4f}" if test is not None else ""
+            acc += f" test {test:.4f}" if test is not None and record["phase"] == "final" else ""
             spent = record.get("epsilon_spent")
             eps = f" ε_spent {spent:.3f}" if spent is not None else ""
             why = f" ({record['reason']})" if record.get("reason") else ""
@@ -292,7 +120,9 @@ class SweepCallback(tune.Callback):
             record = json.loads(last["record_json"]) | {"trial_id": trial.trial_id, "retries": trial.num_failures}
         else:
             record = _ledger_record(trial, "stopped", f"stopped early by ASHA after epoch {last.get('epoch')}")
+        self._keep_if_best(trial, record)
         self._write(record)
+        self._drop_superseded(record["group"])
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         error = trial.get_error()
@@ -306,6 +136,54 @@ class SweepCallback(tune.Callback):
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class MirrorCallback(tune.Callback):
+    """Shared storage (:mod:`dpmix_ray.storage`): at every experiment snapshot, in this order, all synchronous:
+    optuna.db, Tune's snapshot (Tune would upload it in the background), superseded trial checkpoints
+    deleted, then the rest of the out dir (ledger last). So the storage never holds a snapshot naming a
+    deleted checkpoint, a searcher state newer than optuna.db, or a ledger record newer than the snapshot."""
+
+    def __init__(self, mirror: shared.Mirror):
+        self._mirror = mirror
+        self._trials: list[Any] = []
+        self._pruned: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_mirror": self._mirror, "_trials": [], "_pruned": {}}
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._trials = trials
+
+    def get_state(self) -> dict[str, Any] | None:
+        self._mirror.push(only=(S.OPTUNA_FILE,))
+        live = [t for t in self._trials if getattr(t, "storage", None) is not None]
+        if live:
+            tune_storage = live[0].storage  # a shallow copy of the experiment's: same syncer, same paths
+            try:
+                tune_storage.syncer.wait()  # Tune's own upload in flight would otherwise land after ours, older
+            except Exception as e:  # noqa: BLE001 - Tune logs and carries on in the same case
+                log.warning("waiting for Tune's snapshot upload: %s", e)
+            fs = tune_storage.storage_filesystem
+            shared.upload_snapshot(tune_storage.experiment_driver_staging_path, fs, tune_storage.experiment_fs_path)
+            for t in live:
+                ckpt = t.checkpoint
+                if ckpt is not None and self._pruned.get(t.trial_id) != ckpt.path:
+                    shared.prune_checkpoints(fs, t.storage.trial_fs_path, ckpt.path)
+                    self._pruned[t.trial_id] = ckpt.path
+        self._mirror.push()
+        return None
+
+
+def _shared_storage(cfg: SweepConfig, out: Path, resume: bool) -> shared.Mirror | None:
+    """``storage`` / $DPMIX_RAY_STORAGE_PATH given: the sweep's home there, fetched first on ``--resume``."""
+    base = shared.base_location(cfg.storage)
+    if base is None:
+        return None
+    mirror = shared.Mirror(out, shared.sweep_root(base, out))
+    shared.check_reachable(mirror.root)
+    shared.prepare_out(mirror, resume=resume)
+    return mirror
 
 
 def _trial_name(trial: Any) -> str:
@@ -369,13 +247,14 @@ def _needs_synthetic(cfg: SweepConfig, groups: list[Group]) -> bool:
 
 
 def _generate_synthetic(cfg: SweepConfig) -> str:
-    """Generated once per sweep, before any trial; its path is stored so a resume never regenerates it."""
-    from dpmix_ray.data import load_splits
-    from dpmix_ray.synth import generate
+    """Generated once per sweep, before any trial; its path is stored so a resume never regenerates it.
+
+    A generator that saw the private dataset, or a set with no provenance not vouched for as public, is refused here.
+    """
+    from dpmix_ray.synth import generate_for
 
     synth_cfg = cfg.synth or cfg.base.synth
-    names = synth_cfg.classes or load_splits(cfg.base.data).class_names
-    return str(generate(synth_cfg, class_names=names))
+    return str(generate_for(synth_cfg, cfg.base.data, synthetic_is_public=cfg.base.mix.synthetic_is_public))
 
 
 def _init_ray(address: str | None) -> bool:
@@ -419,16 +298,14 @@ def _tune_settings(pending: int) -> Iterator[None]:
         tune_log.setLevel(level)
 
 
-def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], progress: bool) -> tune.Tuner:
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=cfg.model_dump(mode="json"), synthetic=state.synthetic),
-        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu},
-    )
-    path = f"{state.storage_path.rstrip('/')}/{EXPERIMENT}"
+def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool, mirror: shared.Mirror | None = None) -> tune.Tuner:
+    trainable = tune.with_resources(run_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    path = f"{state.storage_path.rstrip('/')}/{S.EXPERIMENT}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     total = sum(state.counts.values()) + cfg.final.seeds * sum(1 for c in state.counts.values() if c > 0)
-    searcher = GroupedSearcher(cfg, groups, state.counts, out / OPTUNA_FILE)
+    plans = {k: TrialPlan.from_dict(p) for k, p in state.plans.items()}
+    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -441,22 +318,26 @@ def _tuner(cfg: SweepConfig, out: Path, state: SweepState, groups: list[Group], 
             trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT,
+            name=S.EXPERIMENT,
             storage_path=state.storage_path,
             failure_config=tune.FailureConfig(max_failures=MAX_RETRIES),
             # num_to_keep=1 also makes Tune snapshot the experiment after every trial checkpoint (each epoch and
             # each trial's end), so a kill loses at most the epoch in flight.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[SweepCallback(out, total, progress)],
+            # With shared storage, MirrorCallback deletes superseded checkpoints itself, after the snapshot that no
+            # longer names them is uploaded (Tune deletes first and uploads in the background).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if mirror else 1),
+            callbacks=[SweepCallback(out, total, progress), *([MirrorCallback(mirror)] if mirror else [])],
             verbose=0,
         ),
     )
 
 
-def _sweep_on_head(cfg_json: str, out: str, resume: bool) -> dict[str, bytes]:
+def _sweep_on_head(cfg_json: str, out: str, resume: bool, storage: str | None = None) -> dict[str, bytes]:
     """Runs inside a Ray task on the head: the whole sweep, then its outputs (without Tune's files) as bytes."""
-    done = run_sweep(SweepConfig.model_validate_json(cfg_json), out=Path(out).expanduser(), resume=resume, address="auto", progress=False)
-    return {p.relative_to(done).as_posix(): p.read_bytes() for p in done.rglob("*") if p.is_file() and TUNE_DIR not in p.relative_to(done).parts}
+    cfg = SweepConfig.model_validate_json(cfg_json).model_copy(update={"storage": storage})  # storage is not in the JSON
+    done = run_sweep(cfg, out=Path(out).expanduser(), resume=resume, address="auto", progress=False)
+    files = (p.relative_to(done).as_posix() for p in done.rglob("*") if p.is_file())
+    return {rel: S.path(done, rel).read_bytes() for rel in files if not rel.startswith(f"{S.TUNE_DIR}/")}
 
 
 def run_on_head(cfg: SweepConfig, *, out: Path, resume: bool, address: str, progress: bool) -> Path:
@@ -474,7 +355,7 @@ def run_on_head(cfg: SweepConfig, *, out: Path, resume: bool, address: str, prog
         head_out = out.as_posix() if out.is_absolute() else f"~/{out.as_posix()}"
         task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(_sweep_on_head)
         try:
-            files = ray.get(task.remote(cfg.model_dump_json(), head_out, resume))
+            files = ray.get(task.remote(cfg.model_dump_json(), head_out, resume, cfg.storage))
         except RayTaskError as e:
             if isinstance(e.cause, DPMixError):
                 raise e.cause from None
@@ -484,8 +365,7 @@ def run_on_head(cfg: SweepConfig, *, out: Path, resume: bool, address: str, prog
             ray.shutdown()
     out = out.resolve()
     for rel, data in files.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(data)
+        S.write_file(out, rel, data)
     if progress:
         from dpmix_ray.report import summary_table
 
@@ -494,49 +374,66 @@ def run_on_head(cfg: SweepConfig, *, out: Path, resume: bool, address: str, prog
 
 
 def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str | None = None, progress: bool = True) -> Path:
-    """Run (or resume) a sweep into ``out``; returns ``out``. Bad input raises ConfigError before anything starts."""
+    """Run (or resume) a sweep into ``out``; returns ``out``.
+
+    Bad input, missing data and (under repeat_and_select) an infeasible budget raise ConfigError /
+    DataError / BudgetError before Ray starts or anything is written.
+    """
     if address is not None and address.startswith("ray://"):
         return run_on_head(cfg, out=Path(out), resume=resume, address=address, progress=progress)
     out = Path(out).resolve()
     check_sweep(cfg)
-    state = check_out_dir(out, cfg, resume=resume)
+    mirror = _shared_storage(cfg, out, resume)
+    state = S.check_out_dir(out, cfg, resume=resume)
+    if mirror is not None and state is not None and state.storage_path != mirror.tune_uri:
+        raise ConfigError(f"storage: this sweep's trials are stored at {state.storage_path}, not under {mirror.root}; resume it with the storage it started with")
     if address is None:
         _check_local_resources(cfg.resources)
     groups = build_groups(cfg)
+    if state is None:
+        n_train = training_size(cfg.base.data)
+        plans = plan_groups(cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
     started = _init_ray(address)
     try:
         slots = _cluster_slots(cfg.resources)
-        storage = state.storage_path if state else os.environ.get(STORAGE_ENV) or str(out / TUNE_DIR)
+        storage = state.storage_path if state else mirror.tune_uri if mirror else str(S.path(out, S.TUNE_DIR))
         _check_storage(storage)
         if state is None:
             # The trial counts' randomness is part of the privacy mechanism: draw it from the OS, not the config seed.
             counts = trial_counts(cfg, groups, np.random.default_rng(secrets.randbits(128)))
-            state = SweepState(name=cfg.name, config_hash=config_hash(cfg), counts=counts, storage_path=storage)
-            write_config(out, cfg)
+            state = S.SweepState(
+                name=cfg.name, config_hash=config_hash(cfg), counts=counts, storage_path=storage, n_train=n_train,
+                plans={k: p.as_dict() for k, p in plans.items()},
+            )
+            S.write_config(out, cfg)
         else:
             state.resumes += 1
-        write_state(out, state)
+        S.write_state(out, state)
         if state.synthetic is None and _needs_synthetic(cfg, groups):
             state.synthetic = _generate_synthetic(cfg)
-            write_state(out, state)
+            S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
-            _tuner(cfg, out, state, groups, progress).fit()
+            _tuner(cfg, out, state, groups, progress, mirror).fit()
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    records = read_records(out)
+    records = S.read_records(out)
     for record in records:
         if record["status"] == "completed":
-            assert_within_budget(record)
-    state.finished = sweep_complete(records, state.counts, cfg.final.seeds)
-    write_state(out, state)
+            check_within_budget(record)
+    state.finished = S.sweep_complete(records, state.counts, cfg.final.seeds)
+    S.write_state(out, state)
     from dpmix_ray.report import build_report, summary_table
 
     build_report(out)
+    if mirror is not None:
+        mirror.push(prune=True)
     if progress:
         print(summary_table(out))
+        if mirror is not None:
+            print(f"shared storage: {mirror.root}")
         if not state.finished:
             print(f"sweep interrupted: continue it with --resume (output in {out})")
     return out

@@ -1,4 +1,4 @@
-"""What a sweep runs, decided before Ray starts: groups, search spaces, trial counts, trial configs.
+"""What a sweep runs: groups, search spaces, trial counts, seeds, trial configs (privacy plans: :mod:`.budget`).
 
 Pure functions (no Ray). A *group* is one Optuna study: one method at one ε (or the non-private
 reference). Every trial config is the sweep's base config plus the group's fixed updates, the
@@ -18,12 +18,9 @@ import optuna
 from dp_accounting.rdp.rdp_privacy_accountant import _gamma_truncated_negative_binomial
 
 from dpmix_ray.config import SweepConfig, TrainConfig, with_updates
-from dpmix_ray.errors import BudgetError, ConfigError
-from dpmix_ray.privacy import calibrate_noise_for_tuning, epsilon_spent, plan_run, repeat_and_select_epsilon
+from dpmix_ray.errors import ConfigError
 
 METRIC = "val_accuracy"
-# A trial's ε_spent may exceed its target by float noise only.
-BUDGET_SLACK = 1e-9
 # Final re-runs of the chosen recipe use seeds far from the search trials' seeds.
 FINAL_SEED_OFFSET = 100_000
 
@@ -43,7 +40,7 @@ _METHOD_IGNORES: dict[str, tuple[str, ...]] = {
     "dpmix_diff": (),
 }
 # Set per experiment by the sweep itself, never searched.
-_NOT_SEARCHABLE = ("method", "seed", "privacy.epsilon", "privacy.delta", "privacy.accountant")
+_NOT_SEARCHABLE = ("method", "seed", "privacy.epsilon", "privacy.delta", "privacy.accountant", "privacy.reproducible")
 # Under repeat_and_select every trial must run the same privacy mechanism (same q, T, σ): the
 # repeat-and-select bound composes one RDP curve, not the worst of many.
 _MECHANISM_KEYS = ("optim.batch_size", "optim.epochs", "privacy.noise_multiplier", "data.", "synth.")
@@ -170,7 +167,7 @@ def trial_counts(cfg: SweepConfig, groups: list[Group], rng: np.random.Generator
 
 
 def trial_seed(cfg: SweepConfig, phase: str, index: int) -> int:
-    """Distinct seeds per trial: search trials are independent runs, finals are fresh seeds."""
+    """Distinct public seeds per trial (initialisation, augmentation; the mechanism's draws are secret): finals get fresh ones."""
     return cfg.base.seed + index + (FINAL_SEED_OFFSET if phase == "final" else 0)
 
 
@@ -183,79 +180,5 @@ def trial_config(cfg: SweepConfig, group: Group, params: dict[str, Any], seed: i
 
 
 def uses_tuning_calibration(cfg: SweepConfig, group: Group) -> bool:
-    """Whether this group's trials are calibrated so the whole random search meets ε."""
+    """Whether ε covers this group's whole random search: its trials' σ is calibrated for repeat-and-select."""
     return cfg.tuning_privacy == "repeat_and_select" and group.epsilon is not None and bool(group.space)
-
-
-@dataclass(frozen=True)
-class TrialPrivacy:
-    """A trial's privacy figures: ``trial_epsilon`` is one run's target, ``search_epsilon`` the search's."""
-
-    trial_epsilon: float | None
-    search_epsilon: float | None
-
-
-def apply_tuning_privacy(cfg: SweepConfig, group: Group, train_cfg: TrainConfig, n_train: int) -> tuple[TrainConfig, TrialPrivacy]:
-    """Fix one trial's privacy so the sweep's (ε, δ) holds; raises BudgetError / ConfigError if it can't.
-
-    per_trial: the trainer's planner spends ε on this one run (the search itself is not covered).
-    repeat_and_select: σ is calibrated so that releasing the best of the random search, with the
-    count drawn from the configured distribution, is (ε, δ)-DP (dp_accounting's RDP
-    RepeatAndSelectDpEvent); the trial then runs with that σ and the same (q, T) as planned from
-    its epochs, i.e. at the smaller per-trial ε it implies.
-    """
-    if not train_cfg.is_private:
-        return train_cfg, TrialPrivacy(None, None)
-    if not uses_tuning_calibration(cfg, group):
-        return train_cfg, TrialPrivacy(train_cfg.privacy.epsilon, None)
-    base_plan = plan_run(train_cfg, n_train)
-    q, steps, delta = base_plan.sample_rate, base_plan.steps, train_cfg.privacy.delta
-    mean, shape = float(cfg.search.trials_per_epsilon), count_shape(cfg)
-    sigma = calibrate_noise_for_tuning(epsilon=train_cfg.privacy.epsilon, delta=delta, sample_rate=q, steps=steps, mean_trials=mean, shape=shape)
-    per_trial = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=train_cfg.privacy.accountant)
-    tuned = with_updates(
-        train_cfg,
-        # σ given, epochs null: the planner keeps the largest step count within per_trial, i.e. exactly `steps`.
-        {"privacy.noise_multiplier": sigma, "optim.epochs": None, "privacy.epsilon": per_trial * (1 + BUDGET_SLACK)},
-    )
-    plan = plan_run(tuned, n_train)
-    if plan.steps != steps or plan.sample_rate != q:
-        raise BudgetError(f"tuning calibration: planner chose {plan.steps} steps at q={plan.sample_rate:.4g}, expected {steps} at q={q:.4g}")
-    search = repeat_and_select_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, mean_trials=mean, shape=shape)
-    if search > train_cfg.privacy.epsilon * (1 + BUDGET_SLACK):
-        raise BudgetError(f"repeat-and-select ε={search:.4g} exceeds the sweep's ε={train_cfg.privacy.epsilon:g}")
-    return tuned, TrialPrivacy(per_trial, search)
-
-
-def guarantee(cfg: SweepConfig, group: Group) -> str:
-    """One line saying what (ε, δ) covers for this group's released result."""
-    if group.epsilon is None:
-        return "none: non-private reference"
-    if not group.space:
-        return "one training run (nothing was tuned)"
-    if uses_tuning_calibration(cfg, group):
-        dist = "Poisson" if cfg.search.trials_shape is None else f"truncated negative binomial η={cfg.search.trials_shape:g}"
-        return (
-            f"whole search: random search with a random number of trials ({dist}, mean {cfg.search.trials_per_epsilon}) "
-            "and the released best model (repeat-and-select, Papernot & Steinke 2022)"
-        )
-    return "one trial only: ε covers a single training run, NOT the selection over the search"
-
-
-def guarantee_label(cfg: SweepConfig, group: Group) -> str:
-    """:func:`guarantee` in a few words, for table cells."""
-    if group.epsilon is None:
-        return "none (non-private)"
-    if not group.space:
-        return "one run (nothing tuned)"
-    return "whole search" if uses_tuning_calibration(cfg, group) else "one trial, not the search"
-
-
-def assert_within_budget(record: dict[str, Any]) -> None:
-    """Raise BudgetError if a completed trial spent more than its target (must never happen)."""
-    target, spent = record.get("trial_epsilon"), record.get("epsilon_spent")
-    if target is not None and spent is not None and spent > target * (1 + BUDGET_SLACK):
-        raise BudgetError(f"trial {record.get('trial_id')} ({record.get('group')}) spent ε={spent:.6g} > target {target:.6g}")
-    search, eps = record.get("search_epsilon"), record.get("epsilon")
-    if search is not None and eps is not None and search > eps * (1 + BUDGET_SLACK):
-        raise BudgetError(f"trial {record.get('trial_id')} ({record.get('group')}): search ε={search:.6g} > sweep ε={eps:g}")

@@ -1,9 +1,18 @@
-"""A sweep's output directory: its identity (config hash), its durable decisions, its trial ledger.
+"""A sweep's output directory: what is released, what only the curator may see, and the file I/O of both.
 
-Pure file handling (no Ray), shared by the sweep driver and ``dpmix-ray report``. The ledger is
-append-only JSON lines, one record per finished trial, written the moment Tune reports the trial
-finished; a record written twice (a trial re-reported after a resume) or a slot re-run after a kill
-is resolved by keeping the last record per (group, phase, index).
+``OUT/release/`` holds what may be published, each item beside the guarantee that covers it: the best
+row per ε, its model weights, and the table and plot of those rows. ``OUT/curator/`` holds everything
+else: the config, the sweep state (drawn trial counts, privacy plans), the ledger of every trial,
+Optuna's studies, Tune's experiment, the full report. Under ``repeat_and_select`` the curator's files
+are exactly what the Papernot–Steinke bound treats as hidden.
+
+Every read and write of the out dir goes through the few functions below (``write_file``,
+``read_text``, ``append_record``, …), so mirroring the layout elsewhere is one hook. Optuna's SQLite
+file and Tune's directory are written by those libraries at :func:`path` locations.
+
+The ledger is append-only JSON lines, one record per finished trial, written the moment Tune
+reports the trial finished; a record written twice (a trial re-reported after a resume) or a slot
+re-run after a kill is resolved by keeping the last record per (group, phase, index).
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +29,64 @@ import yaml
 from dpmix_ray.config import SweepConfig, config_hash, load_sweep_config
 from dpmix_ray.errors import ConfigError
 
-STATE_FILE = "sweep_state.json"
-CONFIG_FILE = "sweep.yaml"
-LEDGER_FILE = "trials.jsonl"
-OPTUNA_FILE = "optuna.db"
-TUNE_DIR = "tune"
+RELEASE = "release"
+CURATOR = "curator"
+
+STATE_FILE = f"{CURATOR}/sweep_state.json"
+CONFIG_FILE = f"{CURATOR}/sweep.yaml"
+LEDGER_FILE = f"{CURATOR}/trials.jsonl"
+TRIALS_TABLE = f"{CURATOR}/trials.parquet"
+OPTUNA_FILE = f"{CURATOR}/optuna.db"
+TUNE_DIR = f"{CURATOR}/tune"
+CURATOR_MODELS = f"{CURATOR}/models"
+CURATOR_REPORT = f"{CURATOR}/report.html"
+RELEASE_TABLE = f"{RELEASE}/best_per_epsilon"  # .json, .csv, .md
+RELEASE_PLOT = f"{RELEASE}/accuracy_vs_epsilon.png"
+RELEASE_MODELS = f"{RELEASE}/models"
 EXPERIMENT = "trials"
+
+# Which file is which: the report and the docs list these, in this order.
+FILES: dict[str, str] = {
+    f"{RELEASE_TABLE}.{{json,csv,md}}": "released: the best row per (method, ε) and the guarantee that covers it",
+    RELEASE_PLOT: "released: test accuracy of the released models against ε",
+    f"{RELEASE_MODELS}/*.pt": "released: each row's model weights, with its guarantee inside the file",
+    CURATOR_REPORT: "curator only: this report, with every trial",
+    LEDGER_FILE: "curator only: the ledger, one JSON record per finished trial",
+    TRIALS_TABLE: "curator only: every trial as a table",
+    OPTUNA_FILE: "curator only: one Optuna study per (method, ε); opens in optuna-dashboard",
+    STATE_FILE: "curator only: drawn trial counts, privacy plans, the synthetic set's path",
+    CONFIG_FILE: "curator only: the resolved sweep config",
+    f"{CURATOR_MODELS}/": "curator only: the model of each group's best search trial so far",
+    f"{TUNE_DIR}/": "curator only: Tune's experiment state and trial checkpoints",
+}
+
+
+def path(out: Path, rel: str) -> Path:
+    """The local path of ``rel`` (one of the names above) in ``out``."""
+    return Path(out) / rel
+
+
+def write_file(out: Path, rel: str, data: bytes | str) -> None:
+    """Atomic replace: a kill mid-write leaves the previous file, never half of one."""
+    p = path(out, rel)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, p)
+
+
+def read_text(out: Path, rel: str) -> str:
+    return path(out, rel).read_text()
+
+
+def remove(out: Path, rel: str) -> None:
+    path(out, rel).unlink(missing_ok=True)
+
+
+def list_files(out: Path, rel_dir: str) -> list[str]:
+    """The files directly in ``rel_dir``, as out-relative names."""
+    d = path(out, rel_dir)
+    return sorted(f"{rel_dir}/{p.name}" for p in d.iterdir() if p.is_file()) if d.is_dir() else []
 
 
 @dataclass
@@ -33,25 +94,25 @@ class SweepState:
     """What must survive a kill so that ``--resume`` continues the same sweep, not a new one.
 
     ``counts`` are the drawn numbers of search trials per group (random under repeat_and_select:
-    redrawing them on resume would change the privacy analysis). ``synthetic`` is the generated
-    synthetic set's path, so a resume never regenerates it.
+    redrawing them on resume would change the privacy analysis). ``plans`` are the privacy plans
+    fixed before Ray started (per group under repeat_and_select; see :mod:`dpmix_ray.sweep.budget`);
+    a resume uses them, never re-plans. ``n_train`` is the base config's training-split size.
+    ``synthetic`` is the generated synthetic set's path, so a resume never regenerates it.
     """
 
     name: str
     config_hash: str
     counts: dict[str, int]
     storage_path: str
+    n_train: int
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
     synthetic: str | None = None
     finished: bool = False
     resumes: int = 0
 
 
-def state_path(out: Path) -> Path:
-    return out / STATE_FILE
-
-
 def read_state(out: Path) -> SweepState:
-    p = state_path(out)
+    p = path(out, STATE_FILE)
     if not p.is_file():
         raise ConfigError(f"{out}: not a sweep output directory (no {STATE_FILE})")
     try:
@@ -61,20 +122,15 @@ def read_state(out: Path) -> SweepState:
 
 
 def write_state(out: Path, state: SweepState) -> None:
-    """Atomic replace: a kill mid-write leaves the previous state, never half of one."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = state_path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=1))
-    os.replace(tmp, state_path(out))
+    write_file(out, STATE_FILE, json.dumps(clean(asdict(state)), indent=1))
 
 
 def write_config(out: Path, cfg: SweepConfig) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_file(out, CONFIG_FILE, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def read_config(out: Path) -> SweepConfig:
-    p = out / CONFIG_FILE
+    p = path(out, CONFIG_FILE)
     if not p.is_file():
         raise ConfigError(f"{out}: not a sweep output directory (no {CONFIG_FILE})")
     return load_sweep_config(p)  # the stored config is resolved (inline base, name): one loader, one error format
@@ -82,7 +138,7 @@ def read_config(out: Path) -> SweepConfig:
 
 def check_out_dir(out: Path, cfg: SweepConfig, *, resume: bool) -> SweepState | None:
     """The stored state when resuming the same sweep, None for a fresh start; ConfigError otherwise."""
-    exists = state_path(out).is_file()
+    exists = path(out, STATE_FILE).is_file()
     if not resume:
         if exists:
             raise ConfigError(f"{out}: already holds sweep '{read_state(out).name}'; pass --resume to continue it or choose another --out")
@@ -98,27 +154,29 @@ def check_out_dir(out: Path, cfg: SweepConfig, *, resume: bool) -> SweepState | 
     return state
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     """JSON has no ±inf/NaN: store them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     return value
 
 
 def append_record(out: Path, record: dict[str, Any]) -> None:
-    with (out / LEDGER_FILE).open("a") as f:
-        f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+    p = path(out, LEDGER_FILE)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a") as f:
+        f.write(json.dumps(clean(record), sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_records(out: Path) -> list[dict[str, Any]]:
     """The ledger, last record per (group, phase, index) slot, in slot order. A torn last line is skipped."""
-    p = out / LEDGER_FILE
+    p = path(out, LEDGER_FILE)
     if not p.is_file():
         return []
     slots: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -132,7 +190,10 @@ def read_records(out: Path) -> list[dict[str, Any]]:
 
 
 def best_search_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Selection by validation accuracy only, among search trials that ran to completion (ties: earliest)."""
+    """Selection by validation accuracy only, among search trials that ran to completion (ties: earliest).
+
+    Test accuracy is recorded for every trial but never read here.
+    """
     done = [r for r in records if r["phase"] == "search" and r["status"] == "completed" and r.get("val_accuracy") is not None]
     return max(done, key=lambda r: (r["val_accuracy"], -int(r["index"])), default=None)
 
@@ -147,3 +208,21 @@ def sweep_complete(records: list[dict[str, Any]], counts: dict[str, int], seeds:
         if len(search) < count or len(finals) < wanted:
             return False
     return True
+
+
+def model_dir(group: str) -> str:
+    return f"{CURATOR_MODELS}/{file_stem(group)}"
+
+
+def model_name(group: str, index: int) -> str:
+    """The curator's copy of one search trial's model."""
+    return f"{model_dir(group)}/search{index}.pt"
+
+
+def released_model_name(group: str) -> str:
+    return f"{RELEASE_MODELS}/{file_stem(group)}.pt"
+
+
+def file_stem(group: str) -> str:
+    """``dpmix_self@eps=2`` → ``dpmix_self-eps2``."""
+    return group.replace("@eps=", "-eps")

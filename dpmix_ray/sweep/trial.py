@@ -1,13 +1,17 @@
-"""The Tune trainable: one trial = one call of the shared trainer, reporting once per epoch.
+"""The Tune trainable: one trial = one call of the shared trainer with the plan the driver made, reporting once per epoch.
 
-Glue only. The trial builds its TrainConfig from the sweep config and the searcher's suggestion,
-fixes its privacy (:func:`plan.apply_tuning_privacy`), trains, and reports. Outcomes:
+Glue only. The searcher hands each trial its resolved TrainConfig and privacy plan, or the reason
+it was refused (:func:`dpmix_ray.sweep.budget.trial_spec`); the trial trains and reports. Outcomes:
 
-* ``pruned``: the config is impossible or can't meet the budget; refused before any step.
+* ``pruned``: refused before any step (an impossible config, or a plan ``train`` does not accept).
 * ``failed``: training raised (diverged, bad data, a bug); the sweep goes on. Only a *crashed*
   worker (actor or node lost) reaches Tune as an error and is retried from the last checkpoint.
 * ``completed``: the final report carries the whole ledger record; the last checkpoint holds it too,
-  so a trial that finished just before a kill is re-reported on resume, not re-trained.
+  and for a search trial the trained model's weights (the driver keeps the best per group for
+  release), so a trial that finished just before a kill is re-reported on resume, not re-trained.
+
+Every trial evaluates the test split too; selection reads validation accuracy only. Only the keys
+of the trainer's documented result (:data:`RESULT_KEYS`) reach the ledger.
 """
 
 from __future__ import annotations
@@ -20,16 +24,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
-from dpmix_ray.config import DataConfig, SweepConfig
+from dpmix_ray.config import DataConfig, TrainConfig
 from dpmix_ray.data import Splits, load_splits
 from dpmix_ray.errors import BudgetError, ConfigError
-from dpmix_ray.sweep.plan import METRIC, Group, apply_tuning_privacy, assert_within_budget, build_groups, trial_config
-from dpmix_ray.trainer import EpochReport, train
+from dpmix_ray.sweep.budget import TrialPlan, check_within_budget
+from dpmix_ray.sweep.plan import METRIC
+from dpmix_ray.trainer import EpochReport, fit
 
 STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+# What a trial keeps of the trainer's result: its documented keys, nothing else.
+RESULT_KEYS = (
+    "val_accuracy", "test_accuracy", "epsilon_spent", "noise_multiplier", "sample_rate", "steps", "epochs", "accountant",
+    "n_train", "wall_seconds", "images_per_second", "private", "guarantee", "config",
+)
 
 
 @lru_cache(maxsize=4)
@@ -42,22 +54,24 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+def _report(metrics: dict[str, Any], files: dict[str, Any] | None = None) -> None:
+    """Report to Tune; ``files`` (name → object) become the checkpoint."""
     metrics = {k: _finite(v) for k, v in metrics.items()}
-    if state is None:
+    if files is None:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / STATE_FILE)
+        for name, obj in files.items():
+            torch.save(obj, Path(d) / name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _load_state() -> dict[str, Any] | None:
+def _load_checkpoint() -> dict[str, Any] | None:
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, weights_only=False)
+        return {p.name: torch.load(p, weights_only=False) for p in Path(d).iterdir() if p.suffix == ".pt"}
 
 
 def _outcome(record: dict[str, Any], status: str, reason: str | None = None) -> dict[str, Any]:
@@ -66,21 +80,28 @@ def _outcome(record: dict[str, Any], status: str, reason: str | None = None) -> 
     return {METRIC: record.get("val_accuracy"), "trial_status": status, "record_json": json.dumps(record, default=str)}
 
 
-def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str | None = None) -> None:
-    """Tune function trainable; ``config`` = {group, phase, index, seed, params} from the searcher."""
+def result_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """The ledger's share of a train result: the documented keys only (never mechanism state)."""
+    return {k: result.get(k) for k in RESULT_KEYS}
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable; ``config`` is a :func:`~dpmix_ray.sweep.budget.trial_spec`."""
     started, started_at = time.perf_counter(), time.time()
-    cfg = SweepConfig.model_validate(sweep)
-    group: Group = next(g for g in build_groups(cfg) if g.key == config["group"])
-    saved = _load_state()
-    if saved is not None and "record" in saved:
-        _report(_outcome(saved["record"], saved["record"]["status"], saved["record"]["reason"]), saved)
+    saved = _load_checkpoint()
+    if saved is not None and "record" in saved[STATE_FILE]:
+        record = saved[STATE_FILE]["record"]
+        _report(_outcome(record, record["status"], record["reason"]), saved)
         return
-    spent_before = saved["seconds"] if saved else 0.0
+    state = saved[STATE_FILE] if saved else None
+    spent_before = state["seconds"] if state else 0.0
+    plan = TrialPlan.from_dict(config["plan"]) if config["plan"] is not None else None
     record: dict[str, Any] = {
-        "group": group.key, "method": group.method, "epsilon": group.epsilon, "delta": cfg.delta if group.epsilon else None,
-        "phase": config["phase"], "index": config["index"], "seed": config["seed"], "params": config["params"],
-        "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "resumed_from_step": saved["train"]["step"] if saved else 0,
+        **{k: config[k] for k in ("group", "method", "epsilon", "delta", "phase", "index", "seed", "params")},
+        "trial_epsilon": plan.trial_epsilon if plan else None, "search_epsilon": plan.search_epsilon if plan else None,
+        "started_at": started_at, "val_accuracy": None, "test_accuracy": None, "resumed_from_step": state["train"]["step"] if state else 0,
     }
+    record["node_id"] = ray.get_runtime_context().get_node_id()  # where this (possibly retried) run trained
 
     def seconds() -> float:
         return spent_before + time.perf_counter() - started
@@ -89,46 +110,41 @@ def run_trial(config: dict[str, Any], *, sweep: dict[str, Any], synthetic: str |
         record["trial_seconds"] = seconds()
         _report(_outcome(record, status, reason))
 
-    params = dict(config["params"])
-    if synthetic is not None and cfg.base.mix.synthetic == "synth":
-        params["mix.synthetic"] = synthetic
+    if plan is None:
+        return stop("pruned", config["refused"])
+    train_cfg = TrainConfig.model_validate(config["train"])
     try:
-        train_cfg = trial_config(cfg, group, params, config["seed"])
         splits = _splits(train_cfg.data.model_dump_json())
-        train_cfg, privacy = apply_tuning_privacy(cfg, group, train_cfg, len(splits.train))
-    except (ConfigError, BudgetError) as e:
-        return stop("pruned", str(e))
     except Exception as e:  # noqa: BLE001 - e.g. missing data: deterministic, so recorded rather than retried
         return stop("failed", f"{type(e).__name__}: {e}")
-    record |= {"trial_epsilon": privacy.trial_epsilon, "search_epsilon": privacy.search_epsilon}
-    trained = saved is not None
+    trained = state is not None
 
     def on_epoch(rep: EpochReport) -> None:
         nonlocal trained
         trained = True
-        metrics = {**rep.metrics, "epoch": rep.epoch, "step": rep.step}
-        _report(metrics, {"train": rep.state(), "seconds": seconds()})
+        _report({**rep.metrics, "epoch": rep.epoch, "step": rep.step}, {STATE_FILE: {"train": rep.state(), "seconds": seconds()}})
 
+    model: dict[str, torch.Tensor] | None = None
     try:
-        result = train(train_cfg, on_epoch=on_epoch, resume_state=saved["train"] if saved else None, progress=False, splits=splits)
+        fitted = fit(train_cfg, plan.run, on_epoch=on_epoch, resume_state=state["train"] if state else None, progress=False, splits=splits)
     except (ConfigError, BudgetError) as e:
-        if not trained:  # the trainer's own planner refused it before the first step
+        if not trained:  # the trainer refused the plan before the first step
             return stop("pruned", str(e))
         status, reason, result = "failed", str(e), {}
     except Exception as e:  # noqa: BLE001 - a trial's failure is data for the sweep, not a crash of it
         status, reason, result = "failed", f"{type(e).__name__}: {e}", {}
     else:
-        status, reason = "completed", None
-    keep = ("val_accuracy", "epsilon_spent", "noise_multiplier", "sample_rate", "steps", "epochs", "accountant",
-            "wall_seconds", "images_per_second", "n_train", "config")
-    record |= {k: result.get(k) for k in keep}
-    if record["phase"] == "final":
-        record["test_accuracy"] = result.get("test_accuracy")  # search trials never look at the test split
+        status, reason, result = "completed", None, fitted.result
+        if config["phase"] == "search":  # a candidate for release: the driver keeps each group's best
+            model = {k: v.detach().cpu() for k, v in fitted.model.state_dict().items()}
+    record |= result_fields(result)
     record["trial_seconds"] = seconds()
     if status == "completed":
         try:
-            assert_within_budget(record)
+            check_within_budget(record)
         except BudgetError as e:
-            status, reason = "failed", str(e)
-    outcome = _outcome(record, status, reason)
-    _report(outcome, {"record": record, "seconds": record["trial_seconds"]})
+            status, reason, model = "failed", str(e), None
+    files: dict[str, Any] = {STATE_FILE: {"record": record, "seconds": record["trial_seconds"]}}
+    if model is not None:
+        files[MODEL_FILE] = {"state_dict": model}
+    _report(_outcome(record, status, reason), files)

@@ -4,8 +4,8 @@ The API the CLI and trainer call. Ray is imported only inside :func:`generate` (
 importing this package, loading a set or drawing its grid stays light.
 """
 
-from dpmix_ray.synth.sets import generate, load_synthetic, resolve_synthetic
+from dpmix_ray.synth.sets import generate, generate_for, load_synthetic, read_provenance, resolve_synthetic
 from dpmix_ray.synth.grid import save_grid
 from dpmix_ray.synth.pipelines import BUILTINS
 
-__all__ = ["BUILTINS", "generate", "load_synthetic", "resolve_synthetic", "save_grid"]
+__all__ = ["BUILTINS", "generate", "generate_for", "load_synthetic", "read_provenance", "resolve_synthetic", "save_grid"]

@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = Path(args.source)
         if source.is_file():
-            from dpmix_ray.config import load_synth_config
-            from dpmix_ray.synth.sets import generate
+            from dpmix_ray.config import load_data_config, load_synth_config
+            from dpmix_ray.synth.sets import generate_for
 
-            source = generate(load_synth_config(source, args.set))
+            source = generate_for(load_synth_config(source, args.set), load_data_config(source, args.set))
         save_grid(source, args.png, per_class=args.per_class)
     except DPMixError as e:
         print(f"error: {e}", file=sys.stderr)

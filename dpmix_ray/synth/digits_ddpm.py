@@ -116,7 +116,8 @@ def _fit(out: Path, x: torch.Tensor, y: torch.Tensor, classes: list[str], *, ste
         "default_guidance": DEFAULT_GUIDANCE,
         "channels": 1,
         "native_size": 8,
-        "trained_on": "sklearn.datasets.load_digits (public UCI optical digits, 1797 images)",
+        "trained_on": ["sklearn-digits"],  # read by synth.provenance: a copy of this model keeps its record
+        "trained_on_detail": "sklearn.datasets.load_digits (public UCI optical digits, 1797 images)",
         "train_steps": steps,
         "seed": seed,
     }

@@ -112,8 +112,8 @@ def _hub(model_id: str, revision: str | None) -> ModelSpec:
     try:
         path = Path(snapshot_download(**kwargs, local_files_only=True))
     except Exception:  # noqa: BLE001 - any miss in the cache means "try the network"
-        try:
-            path = Path(snapshot_download(**kwargs))
+        try:  # the model card too, so synth.provenance can read its declared training data offline later
+            path = Path(snapshot_download(**kwargs | {"allow_patterns": [*_HUB_ALLOW, "README.md"]}))
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, bad revision: all one message
             raise DataError(
                 f"synth.model: '{model_id}' is not a built-in ({', '.join(BUILTINS)}), not a local directory, "

@@ -3,7 +3,8 @@
 A set is a directory::
 
     <out>/shard-00000.parquet …   one file per fixed block of ``batch_size`` plan rows
-    <out>/_manifest.json          written last: config hash, model, prompts, counts, sha256 per shard
+    <out>/_manifest.json          written last: config hash, model, its provenance, prompts, counts,
+                                  sha256 per shard
 
 (pyarrow skips ``_``-prefixed files, so ``pyarrow.parquet.read_table(<out>)`` reads the whole set.)
 
@@ -41,9 +42,10 @@ import pyarrow.parquet as pq
 import torch
 from filelock import FileLock, Timeout
 
-from dpmix_ray.config import SynthConfig, config_hash
-from dpmix_ray.data import CLASS_NAMES_KEY, ImageSet, images_to_table, read_labelled_images, table_to_images
+from dpmix_ray.config import DataConfig, SynthConfig
+from dpmix_ray.data import CLASS_NAMES_KEY, ImageSet, class_names_of, images_to_table, read_labelled_images, table_to_images
 from dpmix_ray.errors import ConfigError, DataError
+from dpmix_ray.synth import provenance
 from dpmix_ray.synth.pipelines import DIGITS_DDPM, ModelSpec, cache_root, load_source, resolve_model, to_uint8
 
 SET_FORMAT = "dpmix-synth/1"
@@ -289,9 +291,11 @@ def _classes(cfg: SynthConfig, class_names: list[str] | None) -> list[str]:
 
 
 def set_key(cfg: SynthConfig, classes: list[str]) -> str:
-    """The cache key: the config hash over what changes the images (not workers, GPU count or out)."""
+    """The cache key: the config hash over what changes the images (not workers, GPU count or out), and
+    ``trained_on`` when declared (it is recorded in the manifest; unset, it leaves older keys as they were)."""
     canon = cfg.model_copy(update={"classes": classes, "workers": 1, "gpus_per_worker": float(cfg.gpus_per_worker > 0), "out": None})
-    return config_hash(canon)
+    fields = canon.model_dump(mode="json", exclude={"trained_on"} if cfg.trained_on is None else None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def default_out(key: str) -> Path:
@@ -319,19 +323,43 @@ def _prepare_work(out: Path, key: str, plan: Plan, progress: bool) -> Path:
     return work
 
 
-def generate(cfg: SynthConfig, *, class_names: list[str] | None = None, progress: bool = True) -> Path:
+def generate(
+    cfg: SynthConfig, *, class_names: list[str] | None = None, private: str | None = None, progress: bool = True,
+) -> Path:
     """Generate (or reuse) the synthetic set of ``cfg`` and return its directory.
 
-    ``class_names`` are the dataset's classes, used when ``synth.classes`` is not set. A set with the
-    same config hash is reused without loading the model; a corrupt one is repaired (only its bad
-    shards are regenerated); an unfinished run is resumed. Calls on the same ``out`` run one at a time.
+    ``class_names`` are the dataset's classes, used when ``synth.classes`` is not set. ``private`` is
+    its ``data.name``: a generator recorded as trained on it is refused (a built-in's or declared
+    record before any model is built, a model card's before anything is written, a reused set's from
+    its manifest). A set with the same config hash is reused without loading the model; a corrupt one is
+    repaired (only its bad shards are regenerated); an unfinished run is resumed. Calls on the same
+    ``out`` run one at a time.
     """
     classes = _classes(cfg, class_names)
+    _refuse_seen(provenance.of_model(cfg, None), cfg, private)
     key = set_key(cfg, classes)
     out = Path(cfg.out).expanduser() if cfg.out else default_out(key)
     plan = Plan(tuple(classes), cfg.images_per_class, cfg.batch_size, cfg.seed)
     with _exclusive(out, progress):
-        return _generate(cfg, key, out, plan, progress)
+        return _generate(cfg, key, out, plan, private, progress)
+
+
+def _refuse_seen(prov: provenance.Provenance | None, cfg: SynthConfig, private: str | None) -> None:
+    if private is not None:
+        provenance.refuse_seen(prov, private=private, where=f"the synth set of {cfg.model}")
+
+
+def generate_for(
+    cfg: SynthConfig, data: DataConfig | None = None, *, synthetic_is_public: bool | None = None, progress: bool = True,
+) -> Path:
+    """:func:`generate` for the dataset ``data`` (the CLI and the sweep driver): class names from it when
+    ``synth.classes`` is null, a generator that saw it refused, and, when ``synthetic_is_public`` is
+    given (a sweep's ``mix`` flag), a set recording no provenance refused before any trial starts."""
+    names = class_names_of(data) if data is not None and cfg.classes is None else None
+    path = generate(cfg, class_names=names, private=data.name if data is not None else None, progress=progress)
+    if data is not None and synthetic_is_public is not None:
+        provenance.check_public(read_provenance(path), private=data.name, is_public=synthetic_is_public, where=str(path))
+    return path
 
 
 @contextmanager
@@ -351,7 +379,7 @@ def _exclusive(out: Path, progress: bool) -> Iterator[None]:
         lock.release()
 
 
-def _generate(cfg: SynthConfig, key: str, out: Path, plan: Plan, progress: bool) -> Path:
+def _generate(cfg: SynthConfig, key: str, out: Path, plan: Plan, private: str | None, progress: bool) -> Path:
     repair: list[str] = []
     if out.exists():
         if not out.is_dir() or not (out / MANIFEST).is_file():
@@ -368,10 +396,18 @@ def _generate(cfg: SynthConfig, key: str, out: Path, plan: Plan, progress: bool)
                 )
             repair = corrupt_shards(out, manifest)
             if not repair:
+                if "provenance" not in manifest:  # a set made before provenance was recorded: add it
+                    spec = resolve_model(cfg.model, cfg.revision, progress=progress)
+                    manifest["provenance"] = provenance.of_model(cfg, Path(spec.path)).to_json()
+                    _write_json_atomic(out / MANIFEST, manifest)
+                _refuse_seen(provenance.Provenance.from_json(manifest["provenance"]), cfg, private)
                 _say(progress, f"reusing {out} (config {key})")
                 return out
             _say(progress, f"{out}: {len(repair)} shard(s) missing or corrupt ({', '.join(repair[:3])}); regenerating them")
 
+    spec = resolve_model(cfg.model, cfg.revision, progress=progress)
+    prov = provenance.of_model(cfg, Path(spec.path))
+    _refuse_seen(prov, cfg, private)  # a model card's declaration, before anything is written
     work = _prepare_work(out, key, plan, progress)
     if repair:
         for shard in range(plan.num_shards):
@@ -379,7 +415,6 @@ def _generate(cfg: SynthConfig, key: str, out: Path, plan: Plan, progress: bool)
             if name not in repair and not (work / name).exists():
                 shutil.copy2(out / name, work / name)
     missing = [s for s in range(plan.num_shards) if not (work / shard_name(s)).exists()]
-    spec = resolve_model(cfg.model, cfg.revision, progress=progress)
     if missing:
         if len(missing) < plan.num_shards:
             _say(progress, f"resuming: {plan.num_shards - len(missing)} of {plan.num_shards} shards already done")
@@ -389,14 +424,14 @@ def _generate(cfg: SynthConfig, key: str, out: Path, plan: Plan, progress: bool)
     if still:
         raise DataError(f"synth: {len(still)} shard(s) were not written (first: {shard_name(still[0])}); rerun to resume")
 
-    _write_json_atomic(work / MANIFEST, _manifest(cfg, key, spec, plan, work))
+    _write_json_atomic(work / MANIFEST, _manifest(cfg, key, spec, prov, plan, work))
     (work / PLAN).unlink()
     _publish(work, out)
     _say(progress, f"wrote {plan.total} images to {out}")
     return out
 
 
-def _manifest(cfg: SynthConfig, key: str, spec: ModelSpec, plan: Plan, work: Path) -> dict[str, Any]:
+def _manifest(cfg: SynthConfig, key: str, spec: ModelSpec, prov: provenance.Provenance, plan: Plan, work: Path) -> dict[str, Any]:
     text = spec.kind == "text-to-image"
     return {
         "format": SET_FORMAT,
@@ -404,6 +439,7 @@ def _manifest(cfg: SynthConfig, key: str, spec: ModelSpec, plan: Plan, work: Pat
         "config": cfg.model_dump(mode="json", exclude={"workers", "gpus_per_worker", "out"}) | {"classes": list(plan.classes)},
         "device": "cuda (fp16)" if cfg.gpus_per_worker > 0 else "cpu (fp32)",
         "model": spec.manifest(),
+        "provenance": prov.to_json(),
         "prompts": {c: cfg.prompt.format(label=c) for c in plan.classes} if text else None,
         "classes": list(plan.classes),
         "counts": {c: plan.images_per_class for c in plan.classes},
@@ -453,6 +489,16 @@ def read_set(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return table_to_images(pa.concat_tables(tables))
 
 
+def read_provenance(path: str | Path) -> provenance.Provenance | None:
+    """What a set's manifest records its generator was trained on; None for a plain file (unknown)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if not (p.is_dir() and (p / MANIFEST).is_file()):
+        return None
+    return provenance.Provenance.from_json(read_manifest(p).get("provenance"))
+
+
 def load_synthetic(path: str | Path, *, class_names: list[str], channels: int, image_size: int) -> ImageSet:
     """Load a synthetic set with its labels mapped onto the dataset's classes by name.
 
@@ -483,17 +529,24 @@ def load_synthetic(path: str | Path, *, class_names: list[str], channels: int, i
 
 def resolve_synthetic(
     mix_synthetic: str, synth: SynthConfig | None, *, class_names: list[str], channels: int, image_size: int,
-    progress: bool = True,
+    private: str, is_public: bool, progress: bool = True,
 ) -> ImageSet:
-    """``mix.synthetic``: ``'synth'`` generates (or reuses) the config's synth set; anything else is a path."""
+    """``mix.synthetic``: ``'synth'`` generates (or reuses) the config's synth set; anything else is a path.
+
+    ``private`` (``data.name``) and ``is_public`` (``mix.synthetic_is_public``) gate it before any image
+    is loaded: a set whose generator saw the private data is refused, and so is one recording no
+    provenance unless the user vouched for it (see :mod:`dpmix_ray.synth.provenance`).
+    """
     if mix_synthetic != "synth":
-        return load_synthetic(mix_synthetic, class_names=class_names, channels=channels, image_size=image_size)
-    if synth is None:
+        path = Path(mix_synthetic).expanduser()
+    elif synth is None:
         raise ConfigError("mix.synthetic: 'synth' needs a synth section in the same config")
-    if (synth.channels, synth.image_size) != (channels, image_size):
+    elif (synth.channels, synth.image_size) != (channels, image_size):
         raise ConfigError(
             f"synth.image_size/channels: {synth.channels}×{synth.image_size}² but the dataset's images are "
             f"{channels}×{image_size}² (set synth.image_size={image_size} synth.channels={channels})"
         )
-    path = generate(synth, class_names=class_names, progress=progress)
+    else:
+        path = generate(synth, class_names=class_names, private=private, progress=progress)
+    provenance.check_public(read_provenance(path), private=private, is_public=is_public, where=str(path))
     return load_synthetic(path, class_names=class_names, channels=channels, image_size=image_size)

@@ -1,0 +1,173 @@
+"""Break the privacy mechanism on purpose, in a copy of the repository, and show the tests kill each break.
+
+Each mutant is a source edit of the kind a privacy bug would be (noise divided by the realised batch
+size, noise per physical chunk, ...). For each, a temporary copy of the repository (tracked and
+untracked, not ignored, files; the worktree itself is never touched) gets the edit, and the privacy
+test files run there (``PYTHONPATH`` at the copy, ``-m "not slow"``), the mutant's most relevant file
+first, stopping at the first failure (``--all``: every failing test, slower). A mutant is *killed*
+when a test fails; the table names it.
+Mutants run ``--jobs`` at a time, each job in its own copy.
+
+    .venv/bin/python bench/mutants.py                 # every mutant, a few minutes
+    .venv/bin/python bench/mutants.py --only realised_batch
+    .venv/bin/python bench/mutants.py --baseline      # first check the unmutated copy passes
+
+Exit status 1 when a mutant survives, does not apply (its source moved), or the baseline fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVACY_TESTS = ("tests/test_mechanism.py", "tests/test_grads.py", "tests/test_mix.py", "tests/test_trainer.py", "tests/test_privacy.py")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    what: str
+    path: str
+    edits: tuple[tuple[str, str], ...]  # (exact source, replacement), each found exactly once
+    first: str  # the test file to run first
+
+    def apply(self, root: Path) -> None:
+        file = root / self.path
+        text = file.read_text()
+        for old, new in self.edits:
+            if text.count(old) != 1:
+                raise LookupError(f"mutant {self.name}: {old!r} occurs {text.count(old)} times in {self.path}")
+            text = text.replace(old, new)
+        file.write_text(text)
+
+
+MUTANTS = (
+    Mutant("realised_batch", "noisy sum divided by the realised batch size |B|, not q·N", "dpmix_ray/trainer.py",
+           (("expected_batch_size=plan.sample_rate * n,", "expected_batch_size=max(1, len(idx)),"),), "tests/test_mechanism.py"),
+    Mutant("noise_per_chunk", "noise added to each physical chunk's clipped sum", "dpmix_ray/mechanism.py",
+           (("part = clipped_sum(source, self._clip_norm)", "part = add_noise(clipped_sum(source, self._clip_norm), self._std, self._generator)"),
+            ("noisy = add_noise(summed, self._std, self._generator)", "noisy = summed")),
+           "tests/test_mechanism.py"),
+    Mutant("sigma_not_sigma_C", "noise std σ instead of σ·C", "dpmix_ray/mechanism.py",
+           (("clip_norm, noise_multiplier * clip_norm, expected_batch_size", "clip_norm, noise_multiplier, expected_batch_size"),),
+           "tests/test_mechanism.py"),
+    Mutant("noise_halved", "noise std σ·C/2", "dpmix_ray/mechanism.py",
+           (("clip_norm, noise_multiplier * clip_norm, expected_batch_size", "clip_norm, noise_multiplier * clip_norm / 2, expected_batch_size"),),
+           "tests/test_mechanism.py"),
+    Mutant("no_clipping", "clip factors all 1", "dpmix_ray/mechanism.py",
+           (("return (clip_norm / (norms * (1 + CLIP_MARGIN_ULPS * f.eps) + f.tiny)).clamp(max=1.0)", "return torch.ones_like(norms)"),),
+           "tests/test_grads.py"),
+    Mutant("absolute_clip_margin", "the old clip factor C/(‖g‖ + 1e-6)", "dpmix_ray/mechanism.py",
+           (("return (clip_norm / (norms * (1 + CLIP_MARGIN_ULPS * f.eps) + f.tiny)).clamp(max=1.0)", "return (clip_norm / (norms + 1e-6)).clamp(max=1.0)"),),
+           "tests/test_mechanism.py"),
+    Mutant("mix_with_itself", "self-mixup of an augmentation with itself (j = i)", "dpmix_ray/mix.py",
+           (("j = (i + torch.randint(1, max(k, 2), (b, m), generator=gen, device=dev)) % k", "j = i"),), "tests/test_mix.py"),
+    Mutant("fixed_size_batches", "fixed-size shuffled batches instead of Poisson sampling", "dpmix_ray/mechanism.py",
+           (("return torch.nonzero(u < sample_rate, as_tuple=False).flatten()",
+             "return torch.randperm(n, generator=generator, device=generator.device)[: round(n * sample_rate)]"),),
+           "tests/test_mechanism.py"),
+    Mutant("public_seed_by_default", "mechanism randomness derived from the public seed in default runs", "dpmix_ray/trainer.py",
+           (("rand = M.Randomness.secret_on(device) if private_run(cfg) else M.Randomness.from_seed(cfg.seed, device)",
+             "rand = M.Randomness.from_seed(cfg.seed, device)"),), "tests/test_mechanism.py"),
+    Mutant("secret_state_saved", "checkpoints hold the secret generators' states", "dpmix_ray/mechanism.py",
+           (('return None if self.secret else {"sampler"', 'return {"sampler"'),
+            ("if self.secret != (state is None):", "if False:")), "tests/test_mechanism.py"),
+    Mutant("empty_batches_skipped", "steps whose Poisson batch is empty release nothing", "dpmix_ray/trainer.py",
+           (("        idx = batch_indices(step)\n", "        idx = batch_indices(step)\n        if len(idx) == 0:\n            continue\n"),),
+           "tests/test_mechanism.py"),
+    Mutant("host_copy_per_chunk", "each chunk's images copied from the host dataset", "dpmix_ray/trainer.py",
+           (("assemble(train_set.x[sel],", "assemble(splits.train.x[sel.cpu()].to(device),"),), "tests/test_trainer.py"),
+)
+
+
+def copy_repo(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of the repository (no virtualenv, no caches)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def run_tests(root: Path, first: str | None, every: bool = False) -> tuple[int, list[str], float]:
+    """(pytest's exit code, failing test ids, seconds) for the privacy test files, ``first`` first;
+    up to the first failure unless ``every``."""
+    files = ([first] if first else []) + [f for f in PRIVACY_TESTS if f != first]
+    env = os.environ | {"PYTHONPATH": str(root), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "not slow", *([] if every else ["-x"]), "-p", "no:cacheprovider", "-W", "ignore", *files]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out.stdout, flags=re.M)
+    return out.returncode, [f.split("::", 1)[-1] for f in failed], time.perf_counter() - start
+
+
+def try_mutant(m: Mutant, copy: Path, every: bool) -> tuple[bool, str]:
+    """Apply ``m`` to ``copy``, run the tests, restore the file: (killed, one table row)."""
+    original = (copy / m.path).read_text()
+    try:
+        m.apply(copy)
+    except LookupError as e:
+        return False, f"{m.name:24} {'NOT APPLIED':9}       {e}"
+    try:
+        code, failed, secs = run_tests(copy, m.first, every)
+    finally:
+        (copy / m.path).write_text(original)
+    killed = code == 1 and bool(failed)  # 1: a test failed (not a usage or collection error)
+    shown = ", ".join(failed) if failed else f"pytest exit {code}"
+    return killed, f"{m.name:24} {'killed' if killed else 'SURVIVED':9} {secs:4.0f}  {shown}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", choices=[m.name for m in MUTANTS], help="run this mutant (repeatable)")
+    ap.add_argument("--baseline", action="store_true", help="first run the tests on the unmutated copy (they must pass)")
+    ap.add_argument("--jobs", type=int, default=2, help="mutants tested at once, each in its own copy")
+    ap.add_argument("--all", action="store_true", help="run every test file to the end and list every failing test")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args()
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:24} {m.path:24} {m.what}")
+        return 0
+    start, bad = time.perf_counter(), 0
+    with tempfile.TemporaryDirectory(prefix="dpmix-mutants-") as tmp:
+        copies: queue.Queue[Path] = queue.Queue()
+        for j in range(max(1, min(args.jobs, len(mutants)))):
+            copy_repo(Path(tmp) / f"repo{j}")
+            copies.put(Path(tmp) / f"repo{j}")
+        if args.baseline:
+            code, failed, secs = run_tests(copies.queue[0], None)
+            print(f"baseline (unmutated copy): {'pass' if code == 0 else 'FAIL ' + ', '.join(failed)} ({secs:.0f} s)", flush=True)
+            bad += code != 0
+        print(f"{'mutant':24} {'result':9} {'s':>4}  {'failing tests' if args.all else 'first failing test'}", flush=True)
+
+        def job(m: Mutant) -> bool:
+            copy = copies.get()
+            try:
+                killed, row = try_mutant(m, copy, args.all)
+            finally:
+                copies.put(copy)
+            print(row, flush=True)
+            return killed
+
+        with ThreadPoolExecutor(max_workers=copies.qsize()) as pool:
+            bad += sum(not killed for killed in pool.map(job, mutants))
+    print(f"{len(mutants) - bad} of {len(mutants)} mutants killed in {time.perf_counter() - start:.0f} s", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What a sweep's (ε, δ) covers, in words: every output's privacy text comes from here (pure).
+
+The guarantee is about the training split of N examples. The validation and test splits are
+held-out data: selection reads validation accuracy and the report reads test accuracy without
+noise, so their use is not private. Reproducible runs (``privacy.reproducible: true``) derive the
+mechanism's randomness from the public seed and the non-private reference adds no noise: both
+are NOT PRIVATE, and every output says so.
+"""
+
+from __future__ import annotations
+
+from dpmix_ray.config import SweepConfig
+from dpmix_ray.sweep.plan import Group, uses_tuning_calibration
+
+NOT_PRIVATE = "NOT PRIVATE"
+HELD_OUT = "the validation and test splits are held-out data whose use is not private"
+
+
+def reproducible(cfg: SweepConfig) -> bool:
+    """Whether the sweep's mechanism draws come from the public seed (research and tests only)."""
+    return cfg.base.privacy.reproducible
+
+
+def is_private(cfg: SweepConfig, group: Group) -> bool:
+    return group.epsilon is not None and not reproducible(cfg)
+
+
+def guarantee(cfg: SweepConfig, group: Group, n_train: int | None) -> str:
+    """One self-contained line for a released row: what its (ε, δ) covers, and what it does not."""
+    if group.epsilon is None:
+        return f"{NOT_PRIVATE}: non-private reference (no clipping, no noise); it exposes its training data"
+    if reproducible(cfg):
+        return (
+            f"{NOT_PRIVATE}: privacy.reproducible is true, so the noise and the sampling are derived from the public "
+            "seed and anyone holding the outputs can remove them; the stated ε holds for nothing"
+        )
+    data = f"the {n_train} training examples" if n_train is not None else "the training split"
+    if not group.space:
+        what = "one training run (nothing was tuned)"
+    elif uses_tuning_calibration(cfg, group):
+        dist = "Poisson" if cfg.search.trials_shape is None else f"truncated negative binomial η={cfg.search.trials_shape:g}"
+        what = (
+            f"the whole random search (random number of trials, {dist}, mean {cfg.search.trials_per_epsilon}) and the "
+            "released best model with its scores (repeat-and-select, Papernot & Steinke 2022)"
+        )
+    else:
+        what = "one training run only, NOT the selection over the search"
+    return f"(ε, δ) covers {what}, for {data}; {HELD_OUT}"
+
+
+def label(cfg: SweepConfig, group: Group) -> str:
+    """:func:`guarantee` in a few words, for table cells and legends."""
+    if not is_private(cfg, group):
+        return NOT_PRIVATE
+    if not group.space:
+        return "one run (nothing tuned)"
+    return "whole search" if uses_tuning_calibration(cfg, group) else "one run, not the search"
+
+
+def statement(cfg: SweepConfig, n_train: int | None) -> str:
+    """The paragraph every output opens with: what ε covers here (Papernot & Steinke 2022), what it does not."""
+    data = f"the training split ({n_train} examples)" if n_train is not None else "the training split"
+    head = (
+        f"{NOT_PRIVATE}: privacy.reproducible is true, so every run's noise and sampling follow from the public seed; "
+        "no ε below holds. " if reproducible(cfg) else ""
+    )
+    if cfg.tuning_privacy == "per_trial":
+        body = (
+            f"Privacy (tuning_privacy: per_trial): each ε protects {data} in ONE training run. The search trained "
+            "several configurations per ε and kept the best on validation accuracy; that selection is NOT covered, so "
+            "the released model is not (ε, δ)-DP end to end. The re-runs of the chosen recipe on fresh seeds are "
+            "further runs, each covered alone. Use tuning_privacy: repeat_and_select for a guarantee that includes "
+            "the search."
+        )
+    else:
+        body = (
+            f"Privacy (tuning_privacy: repeat_and_select): each ε protects {data} across the whole random search and "
+            "covers what release/ holds: the selected search trial's own model, its hyperparameters and its "
+            "validation and test accuracy. Random search with a random number of trials, every trial run with the σ "
+            "calibrated by dp_accounting's RDP repeat-and-select event. Not covered, and only for the curator: "
+            "curator/ (every other trial, the drawn trial counts, the optuna.db) and the final re-runs of the chosen "
+            "recipe on fresh seeds, each one more run on the private data."
+        )
+    return f"{head}{body} Not private either way: {HELD_OUT}."
