@@ -163,3 +163,14 @@ def test_transfer_caps_the_step_leaves_derived_keys_and_refuses_sigma():
     assert R.transfer({"mix.aug_multiplicity": 4}, 1, 8, 3_500) == {"mix.aug_multiplicity": 4}
     with pytest.raises(ValueError, match="noise_multiplier"):
         R.transfer({"optim.lr": 1.0, "privacy.noise_multiplier": 2.0}, 1, 2, 3_500)
+
+
+def test_a_plan_made_on_the_resolved_config_fits_the_unresolved_one(digits):
+    """What a sweep driver that plans trials itself relies on: plan resolve(cfg, N), hand fit the raw cfg."""
+    from dpmix_ray.privacy import plan_run
+
+    cfg = load_train_config(None, ["data.name=digits", "mix.aug_multiplicity=2", "mix.self_mix=1", "privacy.epsilon=8",
+                                   "optim.epochs=0.5"])
+    n = len(digits.train)
+    fitted = T.fit(cfg, plan_run(R.resolve(cfg, n), n), splits=digits, progress=False)
+    assert fitted.result["batch_size"] == R.batch_size(n) and fitted.result["steps"] >= 1
