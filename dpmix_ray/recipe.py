@@ -29,7 +29,7 @@ MAX_STEP = 4.0  # the largest lr·C
 REF_N = 3_500  # MNIST-5k's training split, where the constants were measured
 REF_BATCH = 256  # B at REF_N; B ∝ √N gives 1,024 at 50,000–60,000 images (Tramèr & Boneh: 512–2,048)
 REF_EPOCHS = 12.0  # epochs at REF_N; epochs ∝ √N gives ~45 at 50,000 (Tramèr & Boneh: ~40 at 60,000)
-NONPRIVATE_LR = 0.5  # plain SGD, no momentum, unclipped gradients
+NONPRIVATE_LR = 1.0  # plain SGD, no momentum, unclipped: best of 0.1 / 0.3 / 1 on MNIST-5k (97.4 % val at 12 epochs)
 
 
 def lr_factor(step: int, *, total: int, warmup: float, schedule: str) -> float:
