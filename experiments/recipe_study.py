@@ -102,6 +102,17 @@ STUDIES: dict[str, list[dict]] = {
         c for name in ("cnn_plain_gn", "cnn_tiny_wide")
         for c in tau_grid([0], (1, 4), [(1, 0)], (512,), (24,), (0.05, 0.1, 0.2), model=name, ema_half_life=0.05)
     ] + tau_grid([0], (1, 4), [(1, 0)], (512,), (24,), (0.025,), model="cnn", ema_half_life=0.05),
+    # Head to head on one split and fresh seeds at τ = 0.1: cnn_tiny, its 2×-wide version, the new cnn.
+    "models3": [
+        c for name in ("cnn_tiny", "cnn_tiny_wide", "cnn")
+        for c in tau_grid([1, 2], (4, 8), [(1, 0)], (512,), (24,), (0.1,), model=name, ema_half_life=0.05)
+    ],
+    # lr schedule: warm-up fraction and cosine decay on the derived recipe (dpmix_self K = 2, m = 1),
+    # paired: privacy.reproducible makes the noise a function of the seed, so variants share it.
+    "schedule": grid([0, 1], e=eps(1, 4), model=[["model.name=cnn_tiny", "privacy.reproducible=true"]], mix=[method(2, 1)],
+                     s=[["optim.lr_schedule=constant", "optim.warmup=0.0"], ["optim.lr_schedule=constant", "optim.warmup=0.1"],
+                        ["optim.lr_schedule=constant", "optim.warmup=0.25"], ["optim.lr_schedule=cosine", "optim.warmup=0.0"],
+                        ["optim.lr_schedule=cosine", "optim.warmup=0.1"]]),
     # The non-private reference: plain SGD (no momentum, no clipping), K = 1, B = 256, 12 epochs.
     "nonprivate": grid([0], model=[["model.name=cnn_tiny", "method=nonprivate", "mix.aug_multiplicity=1", "mix.self_mix=0"]],
                        b=one("optim.batch_size", 256), ep=one("optim.epochs", 12, 24), lr=one("optim.lr", 0.1, 0.3, 1.0)),
@@ -109,6 +120,11 @@ STUDIES: dict[str, list[dict]] = {
     # dpmix_self (K = 2, m = 1) and plain DP-SGD, with an EMA (half-life ~8 of the 165 steps).
     "final": grid([1, 2, 3], e=eps(*EPSILONS), model=[["model.name=cnn_tiny"]], mix=[method(2, 1), method(1, 0)],
                   ema=one("optim.ema", 0.92)),
+    # More compute on the same 165 steps (the tau study: at fixed T, larger B was better, as TAN
+    # predicts): DP-SGD at B = 1,024 for 48 epochs, and dpmix_self K = 2, m = 1 at B = 512 for 24.
+    "final2": grid([1, 2, 3], e=eps(*EPSILONS), model=[["model.name=cnn_tiny", "optim.ema=0.92"]],
+                   r=[method(1, 0) + ["optim.batch_size=1024", "optim.epochs=48"],
+                      method(2, 1) + ["optim.batch_size=512", "optim.epochs=24"]]),
     # Transfer: τ = 0.1 was chosen at ε = 1 and 4; is it still the best τ at ε = 2 and 8?
     "transfer": tau_grid([0], (2, 8), [(2, 1)], (256,), (12,), (0.07, 0.1, 0.14), ema_half_life=0.05),
 }
