@@ -2,6 +2,7 @@
 
     python experiments/recipe_study.py run STUDY       # appends to experiments/results/recipe/STUDY.jsonl
     python experiments/recipe_study.py show STUDY      # mean ± sd of val / test per config, best val first
+    python experiments/recipe_study.py table STUDY     # the same as a markdown table, one column per ε
 
 Every run is the trainer core with ``BASE`` plus the study's overrides; C = 1 throughout, so lr is
 lr·C. Selection reads validation accuracy only; test is reported beside it.
@@ -161,6 +162,24 @@ def show(study: str) -> None:
         print("ERROR", " ".join(r["overrides"]), r["error"])
 
 
+def table(study: str) -> None:
+    """A markdown table of a seeded study: one row per recipe, one column per ε, val / test mean ± sd."""
+    records = [json.loads(line) for line in (OUT / f"{study}.jsonl").read_text().splitlines() if line.strip()]
+    cells: dict[str, dict[str, str]] = {}
+    for row in summarise(records):
+        e = next(c.split("=")[1] for c in row["config"] if c.startswith("privacy.epsilon="))
+        name = " ".join(c for c in row["config"] if not c.startswith(("privacy.epsilon=", "model.name=", "optim.lr=", "optim.ema=")))
+        cells.setdefault(name, {})[e] = (
+            f"{100 * row['val_accuracy']:.1f} ± {100 * row['val_accuracy_sd']:.1f} / "
+            f"{100 * row['test_accuracy']:.1f} ± {100 * row['test_accuracy_sd']:.1f} (n={row['n']})"
+        )
+    eps_cols = sorted({e for c in cells.values() for e in c}, key=float)
+    print("| recipe | " + " | ".join(f"ε={e} val / test (%)" for e in eps_cols) + " |")
+    print("|---" * (len(eps_cols) + 1) + "|")
+    for name, c in cells.items():
+        print(f"| {name} | " + " | ".join(c.get(e, "–") for e in eps_cols) + " |")
+
+
 def run(study: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     configs = OUT / f"{study}.configs.json"
@@ -173,4 +192,4 @@ def run(study: str) -> None:
 
 
 if __name__ == "__main__":
-    {"run": run, "show": show}[sys.argv[1]](sys.argv[2])
+    {"run": run, "show": show, "table": table}[sys.argv[1]](sys.argv[2])
