@@ -114,11 +114,21 @@ class PrivacyConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    batch_size: int = Field(256, ge=1, description="expected (Poisson) logical batch size B = q·N")
-    epochs: float | None = Field(6.0, gt=0.0)
-    lr: float = Field(2.0, gt=0.0)
+    """SGD settings. ``batch_size``, ``epochs`` and ``lr`` may be null: the trainer derives them from the
+    training-set size N and ε by ``dpmix_ray.recipe.resolve`` once N is known. ``epochs: null`` with
+    ``privacy.noise_multiplier`` given keeps its meaning: the planner runs the most steps that fit ε."""
+
+    batch_size: int | None = Field(None, ge=1, description="expected (Poisson) logical batch size B = q·N; null = derived from N")
+    epochs: float | None = Field(None, gt=0.0, description="null = derived: from privacy.noise_multiplier when given, else from N and ε")
+    lr: float | None = Field(None, gt=0.0, description="null = derived: lr·C fixed, so lr = step / privacy.clip_norm")
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="linear lr warm-up over this fraction of the steps")
+    ema: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="decay of an exponential moving average of the parameters (debiased, as Adam's moments); "
+        "validation, test and the released model use the average; null = off",
+    )
     physical_batch_size: int | None = Field(
         None, ge=1, description="augmented images per forward/backward chunk; null = choose from memory_cap_mb"
     )
@@ -165,10 +175,6 @@ class TrainConfig(_Strict):
                 "privacy.noise_multiplier and optim.epochs are both set: give one (set the other to null), "
                 "the planner derives it from the budget"
             )
-        if self.method != "nonprivate" and self.privacy.noise_multiplier is None and self.optim.epochs is None:
-            raise ValueError("optim.epochs is null and privacy.noise_multiplier is null: give one of them")
-        if self.method == "nonprivate" and self.optim.epochs is None:
-            raise ValueError("optim.epochs: method nonprivate needs an epoch count")
         return self
 
     @property
@@ -442,7 +448,7 @@ def check_against_dataset(cfg: TrainConfig, n_train: int) -> None:
             f"privacy.delta: {cfg.privacy.delta:g} is not < 1/N = {1.0 / n_train:.3g} for N={n_train} training "
             "examples (a δ that large permits leaking a whole example)"
         )
-    if cfg.optim.batch_size > n_train:
+    if cfg.optim.batch_size is not None and cfg.optim.batch_size > n_train:
         raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} exceeds the {n_train} training examples")
     if cfg.optim.epochs is not None and not math.isfinite(cfg.optim.epochs):
         raise ConfigError("optim.epochs: must be finite")

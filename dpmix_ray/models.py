@@ -35,19 +35,27 @@ def _group_norm(channels: int, max_groups: int = 16) -> nn.GroupNorm:
 
 
 class SmallCNN(nn.Module):
-    """Tramèr & Boneh-style CNN (tanh, GroupNorm): four 3×3 convs, two max-pools, adaptive average pooling
-    so any image size ≥ 8 gives the same head; ~95k parameters, cheap enough for CPU sweeps."""
+    """Three strided weight-standardised convolutions (5×5/2, 3×3/2, 3×3/2) with GroupNorm and tanh, a
+    4×4 average pool, one hidden linear layer: ~190k parameters at the default widths.
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    Why this shape (measured on MNIST-5k under DP-SGD: experiments/results/recipe/models*.jsonl): the previous
+    four 3×3 convs at full resolution pooled to 2×2 reached 51–63 % where ``cnn_tiny`` reached 85–88 %,
+    at 3× its cost. Downsampling in the first layer makes it as cheap per image as ``cnn_tiny``; the
+    4×4 pool keeps where strokes are (pooling to 2×2 alone cost ~6 points); weight standardisation
+    keeps each layer's output scale independent of how far the noisy updates have grown its
+    weights, so one lr range suits every depth (De et al. 2022)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int] = (32, 64, 64), hidden: int = 128) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate([(in_channels, 16), (16, 32), (32, 64), (64, 64)]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), _group_norm(c_out, 8), nn.Tanh()]
-            if i in (1, 2):
-                layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.hidden = nn.Sequential(nn.Linear(64 * 4, 128), nn.Tanh())
-        self.head = nn.Linear(128, num_classes)
+        c_in = in_channels
+        for i, c_out in enumerate(widths):
+            kernel = 5 if i == 0 else 3
+            layers += [WSConv2d(c_in, c_out, kernel, stride=2, padding=kernel // 2), _group_norm(c_out, 8), nn.Tanh()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.hidden = nn.Sequential(nn.Linear(c_in * 16, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden(self.features((x - 0.5) * 2.0)))

@@ -11,6 +11,7 @@ from the start: a step copies nothing from the host.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from dpmix_ray import bookkeeping as BK
@@ -30,6 +32,7 @@ from dpmix_ray.errors import DivergedError
 from dpmix_ray.mix import SyntheticPool, assemble, draw
 from dpmix_ray.models import assert_dp_compatible, build_model
 from dpmix_ray.privacy import Plan, check_plan, epsilon_spent, plan_run, private_run, run_guarantee
+from dpmix_ray.recipe import ema_multi_avg_fn, lr_factor, resolve
 
 
 @dataclass
@@ -140,6 +143,7 @@ def fit(
     device = resolve_device(cfg.device)
     splits = splits or load_splits(cfg.data)
     n = len(splits.train)
+    cfg = resolve(cfg, n)  # null batch size / epochs / lr derived from N and ε; the result records them
     check_against_dataset(cfg, n)
     plan = plan if plan is not None else plan_run(cfg, n)
     check_plan(plan, cfg, n)  # BudgetError here: nothing has run
@@ -153,11 +157,12 @@ def fit(
     pool = pool.to(device) if pool is not None else None
     params = G.trainable(model)
     opt = torch.optim.SGD(params.values(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=plan.steps)
-        if cfg.optim.lr_schedule == "cosine"
-        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, functools.partial(lr_factor, total=plan.steps, warmup=cfg.optim.warmup, schedule=cfg.optim.lr_schedule)
     )
+    # The EMA averages the released noisy iterates (post-processing); evaluation and the result use it.
+    ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.optim.ema)) if cfg.optim.ema is not None else None
+    released = ema.module if ema is not None else model
 
     augment = torch.Generator(device=device).manual_seed(M.derive_seed(cfg.seed, "augment"))  # public: crops, flips, λ
     rand = M.Randomness.secret_on(device) if private_run(cfg) else M.Randomness.from_seed(cfg.seed, device)
@@ -168,6 +173,8 @@ def fit(
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume_state["ema"])
         augment.set_state(resume_state["augment"])
         rand.load_state(resume_state["mechanism"])
         start_step, train_seconds = resume_state["step"], resume_state["seconds"]
@@ -198,7 +205,7 @@ def fit(
         return copy.deepcopy({
             "plan": plan.as_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "augment": augment.get_state(), "mechanism": rand.state(),
-            "step": step + 1, "seconds": train_seconds,
+            "step": step + 1, "seconds": train_seconds, "ema": ema.state_dict() if ema is not None else None,
         })
 
     bar = tqdm(total=plan.steps, initial=start_step, disable=not progress, desc=cfg.method, unit="step", dynamic_ncols=True)
@@ -232,6 +239,8 @@ def fit(
             p.grad = update[k]
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         train_seconds += time.perf_counter() - t0
         bar.update(1)
         if not bool(torch.stack([p.isfinite().all() for p in params.values()]).all()):
@@ -239,7 +248,7 @@ def fit(
             raise DivergedError(f"training diverged at step {step + 1}: a parameter is not finite")
 
         if (step + 1) % steps_per_epoch == 0 or step + 1 == plan.steps:
-            metrics = {"val_accuracy": evaluate(model, val_set), "epsilon_spent": _spent_so_far(cfg, plan, step + 1)}
+            metrics = {"val_accuracy": evaluate(released, val_set), "epsilon_spent": _spent_so_far(cfg, plan, step + 1)}
             if not cfg.is_private:
                 metrics["train_loss"] = float(loss_sum) / max(1, loss_count)
                 loss_sum.zero_()
@@ -248,9 +257,11 @@ def fit(
             if on_epoch is not None:
                 on_epoch(EpochReport(epoch=(step + 1 + steps_per_epoch - 1) // steps_per_epoch, step=step + 1, metrics=metrics, state=state))
     bar.close()
-    result = _result(cfg, plan, model, val_set, test_set, n, device, train_seconds)
+    result = _result(cfg, plan, released, val_set, test_set, n, device, train_seconds)
+    if ema is not None:  # the live iterate too, so one run shows what the average bought
+        result |= {"val_accuracy_live": evaluate(model, val_set), "test_accuracy_live": evaluate(model, test_set)}
     result["wall_seconds"] = time.perf_counter() - wall_start
-    return Fitted(result, model.eval())
+    return Fitted(result, released.eval())
 
 
 def train(
