@@ -73,6 +73,17 @@ def trial_covers(cfg: SweepConfig, group: Group, record: dict[str, Any]) -> str:
     return label(cfg, group)
 
 
+def audit_note(cfg: SweepConfig) -> str | None:
+    """For the curator's report only (``final.audit``): what the audit runs were, and that nothing covers them."""
+    if not cfg.final.audit:
+        return None
+    return (
+        "Audits (final.audit): each private group's released recipe was trained once more on the private data, with "
+        "canaries, to measure a lower bound ε_lb on its ε; these audit runs are extra training runs outside the sweep's "
+        "guarantee, and their results (curator/audit.jsonl, the ε_lb columns) are for the curator only."
+    )
+
+
 def statement(cfg: SweepConfig, n_train: int | None) -> str:
     """The paragraph every output opens with: what ε covers here (Papernot & Steinke 2022), what it does not."""
     data = f"the training split ({n_train} examples)" if n_train is not None else "the training split"
