@@ -13,6 +13,7 @@ from typing import Any
 
 from dpmix_ray.config import SweepConfig
 from dpmix_ray.sweep.plan import Group, uses_tuning_calibration
+from dpmix_ray.sweep.state import AUDIT_FILE
 
 NOT_PRIVATE = "NOT PRIVATE"
 PROXY = "PROXY"
@@ -78,9 +79,9 @@ def audit_note(cfg: SweepConfig) -> str | None:
     if not cfg.final.audit:
         return None
     return (
-        "Audits (final.audit): each private group's released recipe was trained once more on the private data, with "
-        "canaries, to measure a lower bound ε_lb on its ε; these audit runs are extra training runs outside the sweep's "
-        "guarantee, and their results (curator/audit.jsonl, the ε_lb columns) are for the curator only."
+        "Audits (final.audit): once the sweep is complete, each private group's released recipe is trained once more on "
+        "the private data, with canaries, to measure a lower bound ε_lb on its ε; these audit runs are extra training runs "
+        f"outside the sweep's guarantee, and their results ({AUDIT_FILE}, the ε_lb columns) are for the curator only."
     )
 
 
