@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpmix_ray.config import TrainConfig
+from dpmix_ray.config import AUDIT_CANARIES, AUDIT_GUESSES, TrainConfig
 from dpmix_ray.data import ImageSet, Splits, load_splits
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.mix import draw, self_augment
 from dpmix_ray.trainer import augmentation, fit
 
 CONFIDENCE = 0.95
-DEFAULT_CANARIES = 1000
-DEFAULT_GUESSES = 200
+DEFAULT_CANARIES = AUDIT_CANARIES
+DEFAULT_GUESSES = AUDIT_GUESSES
 METHOD = "one-run black-box (Steinke, Nasr & Jagielski 2023), mislabelled canaries, score = -mean loss over augmentations"
 
 

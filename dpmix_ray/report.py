@@ -159,8 +159,18 @@ def _release_table(cfg: SweepConfig, rows: list[dict[str, Any]]) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-def _curator_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """What only the curator sees per row: trial counts, the selected trial, the recipe's re-runs."""
+def _audit_cells(audit: dict[str, Any] | None) -> dict[str, str]:
+    """A row's audit (``final.audit``, curator only): ε_lb, the guesses behind it, and the most those guesses could prove."""
+    a = audit or {}
+    return {
+        "audit ε_lb": _fmt(a.get("epsilon_lower_bound"), 3),
+        "audit correct/guesses": f"{a['correct']}/{a['guesses']}" if a else "–",
+        "audit max provable ε_lb": _fmt(a.get("max_provable_epsilon"), 3),
+    }
+
+
+def _curator_table(rows: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """What only the curator sees per row: trial counts, the selected trial, the recipe's re-runs, its audit if any."""
     return pd.DataFrame([{
         "method": r["method"], "ε": _fmt(r["epsilon"]),
         "trials (completed/drawn)": f"{r['trials_completed']}/{r['trials_planned']}",
@@ -169,6 +179,7 @@ def _curator_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         "selected trial (score)": f"{_fmt(r['best_trial'])} ({_fmt(r['best_score'])})",
         "released run": r["released_run"] or "–",
         "re-runs: test mean ± sd": _mean_sd(r["rerun_test_mean"], r["rerun_test_sd"], r["reruns"]),
+        **(_audit_cells(audits.get(r["group"])) if audits else {}),
     } for r in rows])
 
 
@@ -328,8 +339,9 @@ def build_report(out_dir: Path) -> None:
 
     trials = trials_frame(cfg, records)
     S.write_file(out, S.TRIALS_TABLE, trials.to_parquet(index=False))
-    S.write_file(out, S.CURATOR_REPORT, _html(cfg, statement, release, _curator_table(rows), trials, plot,
-                                                  _progress_plot(cfg, records), out, notes))
+    audit_note = claims.audit_note(cfg)
+    S.write_file(out, S.CURATOR_REPORT, _html(cfg, statement, release, _curator_table(rows, S.read_audits(out)), trials, plot,
+                                                  _progress_plot(cfg, records), out, notes + ([audit_note] if audit_note else [])))
 
 
 def summary_table(out_dir: Path) -> str:

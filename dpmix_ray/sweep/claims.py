@@ -13,6 +13,7 @@ from typing import Any
 
 from dpmix_ray.config import SweepConfig
 from dpmix_ray.sweep.plan import Group, uses_tuning_calibration
+from dpmix_ray.sweep.state import AUDIT_FILE
 
 NOT_PRIVATE = "NOT PRIVATE"
 PROXY = "PROXY"
@@ -71,6 +72,17 @@ def trial_covers(cfg: SweepConfig, group: Group, record: dict[str, Any]) -> str:
         spent = record.get("trial_epsilon")
         return f"{PROXY}: outside the sweep's guarantee (this run alone: ε={spent:.3g})" if spent is not None else PROXY
     return label(cfg, group)
+
+
+def audit_note(cfg: SweepConfig) -> str | None:
+    """For the curator's report only (``final.audit``): what the audit runs were, and that nothing covers them."""
+    if not cfg.final.audit:
+        return None
+    return (
+        "Audits (final.audit): once the sweep is complete, each private group's released recipe is trained once more on "
+        "the private data, with canaries, to measure a lower bound ε_lb on its ε; these audit runs are extra training runs "
+        f"outside the sweep's guarantee, and their results ({AUDIT_FILE}, the ε_lb columns) are for the curator only."
+    )
 
 
 def statement(cfg: SweepConfig, n_train: int | None) -> str:

@@ -7,9 +7,11 @@ anywhere on the cluster the next trial of *any* study takes it (no ε waits for 
 idles at a study's tail), actors are reused across studies, and there is one experiment checkpoint
 to resume from; :mod:`dpmix_ray.sweep.search` makes that one experiment behave like independent
 studies. As trials finish, :class:`SweepCallback` writes the ledger and keeps each group's best
-model so far (the release candidate).
+model so far (the release candidate). With ``final.audit``, once every group is done, each private
+group's released recipe is audited (:mod:`dpmix_ray.sweep.audits`) while Ray is still up.
 
-Ray is imported here, in :mod:`dpmix_ray.sweep.search` and in :mod:`dpmix_ray.sweep.trial` only.
+Ray is imported here, in :mod:`dpmix_ray.sweep.search`, :mod:`dpmix_ray.sweep.trial` and
+:mod:`dpmix_ray.sweep.audits` only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dpmix_ray import storage as shared
 from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
-from dpmix_ray.sweep import selection
+from dpmix_ray.sweep import audits, selection
 from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity, plan_groups, training_size
 from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status
 from dpmix_ray.sweep.plan import Group, build_groups, check_sweep, early_stopping, final_seeds, trial_counts
@@ -387,6 +389,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     if state is None:
         n_train = training_size(cfg.base.data)
         plans = plan_groups(cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
+    audits.check(cfg, state.n_train if state else n_train)
     started = _init_ray(address)
     try:
         slots = _cluster_slots(cfg.resources)
@@ -408,17 +411,19 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
             _tuner(cfg, out, state, groups, progress, mirror).fit()
+        records = S.read_records(out)
+        for record in records:
+            if record["status"] == "completed":
+                check_within_budget(record)
+        state.finished = S.sweep_complete(records, state.counts, {g.key: final_seeds(cfg, g) for g in groups})
+        S.write_state(out, state)
+        if cfg.final.audit and state.finished:  # only final selections are audited; an interrupted sweep audits on --resume
+            audits.run_audits(cfg, out, state, groups, mirror=mirror, progress=progress)
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    records = S.read_records(out)
-    for record in records:
-        if record["status"] == "completed":
-            check_within_budget(record)
-    state.finished = S.sweep_complete(records, state.counts, {g.key: final_seeds(cfg, g) for g in groups})
-    S.write_state(out, state)
     from dpmix_ray.report import build_report, summary_table
 
     build_report(out)

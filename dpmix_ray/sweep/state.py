@@ -41,6 +41,7 @@ OPTUNA_FILE = f"{CURATOR}/optuna.db"
 TUNE_DIR = f"{CURATOR}/tune"
 CURATOR_MODELS = f"{CURATOR}/models"
 CURATOR_REPORT = f"{CURATOR}/report.html"
+AUDIT_FILE = f"{CURATOR}/audit.jsonl"
 RELEASE_TABLE = f"{RELEASE}/best_per_epsilon"  # .json, .csv, .md
 RELEASE_PLOT = f"{RELEASE}/accuracy_vs_epsilon.png"
 RELEASE_MODELS = f"{RELEASE}/models"
@@ -59,6 +60,8 @@ FILES: dict[str, str] = {
     CONFIG_FILE: "curator only: the resolved sweep config",
     f"{CURATOR_MODELS}/": "curator only: each group's release candidate so far (its selected full-size trial, or its first final run)",
     f"{TUNE_DIR}/": "curator only: Tune's experiment state and trial checkpoints",
+    AUDIT_FILE: "curator only (final.audit): one audit per private group's released recipe, its ε_lb; extra training runs "
+    "on the private data, outside the sweep's guarantee",
 }
 
 
@@ -188,6 +191,20 @@ def read_records(out: Path) -> list[dict[str, Any]]:
             continue
         slots[(rec["group"], rec["phase"], int(rec["index"]))] = rec
     return [slots[k] for k in sorted(slots, key=lambda k: (k[0], k[1] != "search", k[2]))]
+
+
+def read_audits(out: Path) -> dict[str, dict[str, Any]]:
+    """``final.audit``'s results by group (:mod:`dpmix_ray.sweep.audits`); empty when there are none."""
+    p = path(out, AUDIT_FILE)
+    lines = p.read_text().splitlines() if p.is_file() else []
+    return {a["group"]: a for a in map(json.loads, lines)}
+
+
+def add_audit(out: Path, audit: dict[str, Any]) -> None:
+    """One more line, written with the file's earlier lines as one atomic replace (so no line is ever torn)."""
+    p = path(out, AUDIT_FILE)
+    before = p.read_text() if p.is_file() else ""
+    write_file(out, AUDIT_FILE, before + json.dumps(clean(audit), sort_keys=True) + "\n")
 
 
 def sweep_complete(records: list[dict[str, Any]], counts: dict[str, int], finals: dict[str, int]) -> bool:
