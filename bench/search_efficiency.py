@@ -7,7 +7,9 @@ Strategies, each one real sweep (``run_sweep``) on MNIST-5k, run one after anoth
 * ``random``: the same space and trials, random search;
 * ``new``: the DP-aware search at full size: τ coordinates (τ, B, T, K), every study seeded with the
   default recipe, transfer across ε, early stopping as the sweep's default is set;
-* ``new_proxy``: ``new`` with TAN proxy trials at batch 64 (their recipes evaluated at full size).
+* ``new_proxy``: ``new`` with TAN proxy trials at batch 64 (their recipes evaluated at full size);
+* ``new_proxy_asha``: ``new_proxy`` with ASHA early stopping (grace ``--grace``, else the sweep's default),
+  side by side with ``new_proxy`` to measure what early stopping buys.
 
 Compute is each trial's CPU seconds (its process's CPU time: robust to whatever else shares the
 machine), summed over a strategy's search trials at that ε in the order they finished. The released
@@ -21,7 +23,7 @@ strategy re-runs its recipe on fresh seeds anyway). ``fixed recipe`` is the READ
 
 Last line: one JSON object: per ε, the accuracy each strategy reaches at equal compute (the smallest
 strategy total), the compute each needs to reach the fixed recipe and to come within 1 point of the best
-either TPE or the new search finds (null where never), and that compute's ratio TPE / new_proxy.
+either TPE or the new search finds (null where never), and that compute's ratio TPE / each proxy search.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def strategies(args: argparse.Namespace) -> dict[str, SweepConfig]:
         "new_proxy": {"space": new, "final": {"seeds": 1},
                       "search": search | {"sampler": "tpe", "scheduler": args.new_scheduler, "trials_per_epsilon": args.proxy_trials,
                                           "proxy": {"batch_size": args.proxy_batch}}},
+        "new_proxy_asha": {"space": new, "final": {"seeds": 1},
+                           "search": search | {"sampler": "tpe", "scheduler": "asha", "trials_per_epsilon": args.proxy_trials,
+                                               "proxy": {"batch_size": args.proxy_batch}}},
     }
     return {k: SweepConfig.model_validate(common | {"name": k} | v) for k, v in out.items() if k in args.variants}
 
@@ -145,7 +150,7 @@ def main() -> None:
     ap.add_argument("--proxy-batch", type=int, default=PROXY_BATCH)
     ap.add_argument("--new-scheduler", choices=["asha", "fifo"], default=None, help="override the sweep default for new/new_proxy")
     ap.add_argument("--grace", type=float, default=None, help="override ASHA's grace period (fraction of a trial's steps)")
-    ap.add_argument("--variants", nargs="+", default=["tpe", "random", "new", "new_proxy"])
+    ap.add_argument("--variants", nargs="+", default=["tpe", "random", "new", "new_proxy", "new_proxy_asha"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="keep each strategy's sweep output under this dir")
@@ -173,7 +178,7 @@ def main() -> None:
         totals = {name: pts[-1]["cpu_s"] if pts else 0.0 for name, pts in per.items()}
         equal = min(totals.values())
         finals = {name: (pts[-1]["test"] if pts else None) for name, pts in per.items()}
-        reference = [v for k, v in finals.items() if k in ("tpe", "new_proxy") and v is not None]
+        reference = [v for k, v in finals.items() if k in ("tpe", "new_proxy", "new_proxy_asha") and v is not None]
         target = max(reference) - 0.01 if reference else None
         within = {name: first_reaching(pts, target) if target is not None else None for name, pts in per.items()}
         fixed = FIXED_RECIPE_TEST.get(eps)
@@ -185,8 +190,8 @@ def main() -> None:
             "cpu_s_to_fixed_recipe": {name: first_reaching(pts, fixed) if fixed is not None else None for name, pts in per.items()},
             "within_1pt_of": target,
             "cpu_s_to_within_1pt": within,
-            "tpe_over_new_proxy_to_within_1pt": (round(within["tpe"] / within["new_proxy"], 2)
-                                                 if within.get("tpe") and within.get("new_proxy") else None),
+            **{f"tpe_over_{n}_to_within_1pt": (round(within["tpe"] / within[n], 2) if within.get("tpe") and within.get(n) else None)
+               for n in ("new_proxy", "new_proxy_asha")},
         }
         summary[f"{eps:g}"] = row
         print(f"ε={eps:g}: " + "  ".join(
