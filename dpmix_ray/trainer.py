@@ -264,18 +264,9 @@ def fit(
     return Fitted(result, released.eval())
 
 
-def train(
-    cfg: TrainConfig,
-    plan: Plan | None = None,
-    *,
-    on_epoch: Callable[[EpochReport], None] | None = None,
-    resume_state: dict[str, Any] | None = None,
-    progress: bool = True,
-    splits: Splits | None = None,
-    per_example_fn: G.PerExampleFn | None = None,
-) -> dict[str, Any]:
-    """:func:`fit`'s result record alone."""
-    return fit(cfg, plan, on_epoch=on_epoch, resume_state=resume_state, progress=progress, splits=splits, per_example_fn=per_example_fn).result
+def train(cfg: TrainConfig, plan: Plan | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`fit`'s result record alone (the same keyword options)."""
+    return fit(cfg, plan, **options).result
 
 
 def _spent_so_far(cfg: TrainConfig, plan: Plan, steps: int) -> float:
