@@ -120,7 +120,7 @@ class OptimConfig(_Strict):
 
     batch_size: int | None = Field(None, ge=1, description="expected (Poisson) logical batch size B = q·N; null = derived from N")
     epochs: float | None = Field(None, gt=0.0, description="null = derived: from privacy.noise_multiplier when given, else from N and ε")
-    lr: float | None = Field(None, gt=0.0, description="null = derived: lr·C fixed, so lr = step / privacy.clip_norm")
+    lr: float | None = Field(None, gt=0.0, description="null = derived: the lr whose noise random walk τ = lr·σC/B·√T is 0.1 (recipe.py); lr·C ≤ 4")
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup: float = Field(0.0, ge=0.0, lt=1.0, description="linear lr warm-up over this fraction of the steps")

@@ -94,12 +94,13 @@ def lr_for(tau: float, *, noise_multiplier: float, batch_size: int, steps: int, 
     return min(tau * batch_size / (noise_multiplier * clip_norm * math.sqrt(steps)), MAX_STEP / clip_norm)
 
 
-def resolve(cfg: TrainConfig, n_train: int) -> TrainConfig:
+def resolve(cfg: TrainConfig, n_train: int, *, lr: bool = True) -> TrainConfig:
     """``cfg`` with its null ``optim.batch_size``, ``optim.epochs`` and ``optim.lr`` derived for N = ``n_train``.
 
     ``optim.epochs`` stays null when ``privacy.noise_multiplier`` is given: then the planner derives
     the step count from σ, as before. A private lr comes from the run's own (σ, B, T) at τ = 0.1; a
-    non-private one is a constant. A config with all three given is returned unchanged."""
+    non-private one is a constant. ``lr=False`` leaves a null lr alone, for a caller that sets it
+    from a plan it already has (a sweep's trial). A config with all three given is returned unchanged."""
     o, p = cfg.optim, cfg.privacy
     updates: dict[str, Any] = {}
     b = o.batch_size if o.batch_size is not None else batch_size(n_train)
@@ -108,7 +109,7 @@ def resolve(cfg: TrainConfig, n_train: int) -> TrainConfig:
     sigma_given = cfg.is_private and p.noise_multiplier is not None
     if o.epochs is None and not sigma_given:
         updates["optim.epochs"] = epochs(n_train)
-    if o.lr is None:
+    if o.lr is None and lr:
         if not cfg.is_private:
             updates["optim.lr"] = NONPRIVATE_LR
         else:

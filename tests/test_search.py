@@ -107,12 +107,20 @@ def test_default_point_is_the_base_recipe_in_search_coordinates() -> None:
 
 def test_transfer_rule_keeps_tau_batch_steps_and_rescales_lr_by_sigma() -> None:
     found = {"dp.tau": 0.12, "optim.batch_size": 512, "dp.steps": 40, "mix.aug_multiplicity": 3}
-    assert space.transfer(found, 1, 2, N, TAU_SPACE, delta=1e-4, accountant="rdp") == found  # τ coordinates do not move
+    assert space.transfer(found, 1, 2, sweep().base, N, TAU_SPACE, delta=1e-4, accountant="rdp") == found  # τ coordinates do not move
     lr_space = {"optim.lr": {"loguniform": [0.01, 4.0]}, "optim.batch_size": {"choice": [512]}, "dp.steps": {"int": [10, 60]}}
     at1 = {"optim.lr": 0.3, "optim.batch_size": 512, "dp.steps": 40}
-    at2 = space.transfer(at1, 1, 2, N, lr_space, delta=1e-4, accountant="rdp")
+    at2 = space.transfer(at1, 1, 2, sweep().base, N, lr_space, delta=1e-4, accountant="rdp")
     assert at2["optim.lr"] == pytest.approx(0.3 * sigma(1, 512, 40) / sigma(2, 512, 40))  # τ = lr·σC/B·√T unchanged
     assert {k: v for k, v in at2.items() if k != "optim.lr"} == {"optim.batch_size": 512, "dp.steps": 40}
+
+
+def test_transfer_reads_what_the_point_leaves_out_from_the_base_config() -> None:
+    base = sweep(base=BASE | {"privacy": {"clip_norm": 0.5}}).base  # B 256, 8 epochs (32 steps), C 0.5
+    at2 = space.transfer({"optim.lr": 0.3}, 1, 2, base, N, {"optim.lr": {"loguniform": [0.01, 8.0]}}, delta=1e-4, accountant="rdp")
+    assert at2["optim.lr"] == pytest.approx(0.3 * sigma(1, 256, 32) / sigma(2, 256, 32))
+    capped = space.transfer({"optim.lr": 7.0}, 1, 8, base, N, {"optim.lr": {"loguniform": [0.01, 80.0]}}, delta=1e-4, accountant="rdp")
+    assert capped["optim.lr"] == pytest.approx(recipe.MAX_STEP / 0.5)  # lr·C ≤ 4 with the base's C
 
 
 def _finished(spec: dict[str, Any], score: float) -> dict[str, Any]:
@@ -136,7 +144,7 @@ def test_a_study_receives_its_neighbours_best_moved_by_the_transfer_rule(tmp_pat
     assert second["group"] == "dpmix_self@eps=1" and second["params"] != default and s.handed_over == []
 
     s.on_trial_complete("u0", _finished(second, 0.9))  # ε=1's best so far: handed to ε=2 (its only neighbour)
-    moved = space.transfer(second["params"], 1, 2, N, lr_space, delta=1e-4, accountant="rdp")
+    moved = space.transfer(second["params"], 1, 2, cfg.base, N, lr_space, delta=1e-4, accountant="rdp")
     assert [(h["to"], h["from"]) for h in s.handed_over] == [("dpmix_self@eps=2", "dpmix_self@eps=1")]
     nxt = s.suggest("u1")
     assert nxt["group"] == "dpmix_self@eps=2" and nxt["params"] == pytest.approx(moved)
@@ -185,6 +193,14 @@ def test_repeat_and_select_refuses_adaptive_seeding_and_proxies_in_one_line(sear
     P.check_sweep(sweep(tuning_privacy="repeat_and_select", space={"dp.tau": {"loguniform": [0.03, 0.3]}},
                         search={"sampler": "random", "trials_per_epsilon": 4}))  # τ is not a mechanism key; defaults are off
     assert not P.warm_start(cfg.model_copy(update={"search": cfg.search.model_copy(update={"warm_start": None})}))
+
+
+def test_a_given_sigma_is_refused_with_proxies_or_a_searched_step_count() -> None:
+    with_sigma = BASE | {"optim": BASE["optim"] | {"epochs": None}, "privacy": {"noise_multiplier": 1.0}}
+    for over in ({"search": {"proxy": {"batch_size": 64}}}, {"space": TAU_SPACE}):
+        with pytest.raises(ConfigError, match="give epochs, not σ"):
+            P.check_sweep(sweep(base=with_sigma, **over) if "space" in over else sweep(base=with_sigma, space={}, **over))
+    P.check_sweep(sweep(base=with_sigma, space={"dp.tau": {"loguniform": [0.03, 0.3]}}))
 
 
 @pytest.mark.parametrize(("space_", "needle"), [

@@ -148,6 +148,20 @@ def test_plans_survive_the_sweep_state_round_trip(tmp_path: Path) -> None:
     assert {k: B.TrialPlan.from_dict(v) for k, v in stored.items()} == plans  # nonprivate's ε=∞ included
 
 
+def test_a_derived_lr_follows_the_sigma_the_trial_really_runs() -> None:
+    from dpmix_ray import recipe
+
+    rs = sweep(tuning_privacy="repeat_and_select", base=TINY_BASE | {"optim": TINY_BASE["optim"] | {"lr": None}})
+    group = P.build_groups(rs)[0]
+    group_plan = B.plan_groups(rs, [group], n_train=1000)[group.key]
+    train, _ = B.resolve_trial(rs, group, {}, 0, group_plan)
+    tuning = recipe.lr_for(recipe.TAU, noise_multiplier=group_plan.run.noise_multiplier, batch_size=train.optim.batch_size,
+                           steps=group_plan.run.steps, clip_norm=train.privacy.clip_norm)
+    assert train.optim.lr == pytest.approx(tuning)  # τ = 0.1 at the group's (larger) tuning σ, not a one-run σ
+    one_run = plan_run(train, 1000).noise_multiplier
+    assert one_run < group_plan.run.noise_multiplier and train.optim.lr < tuning * group_plan.run.noise_multiplier / one_run
+
+
 def test_trial_specs_carry_the_driver_plan_or_the_refusal() -> None:
     rs = sweep(tuning_privacy="repeat_and_select", search__trials_per_epsilon=3)
     group = P.build_groups(rs)[0]

@@ -154,18 +154,22 @@ def resolve_trial(cfg: SweepConfig, group: Group, params: dict[str, Any], seed: 
                   *, synthetic: str | None = None) -> tuple[TrainConfig, TrialPlan]:
     """A point of the search space as the full-size trial it stands for: its validated config and plan.
 
-    ``dp.steps`` becomes epochs at the point's batch size; null batch size, epochs and lr are derived from N
-    and ε (:func:`dpmix_ray.recipe.resolve`); the planner fixes σ (or T); ``dp.tau`` then sets lr from σ.
-    Raises ConfigError / BudgetError for a point that cannot run.
+    ``dp.steps`` becomes epochs at the point's batch size; null batch size and epochs are derived from N
+    (:func:`dpmix_ray.recipe.resolve`); the planner fixes σ (or T). Then a private lr comes from τ
+    (``dp.tau``, or the recipe's τ where lr is null) and the σ the trial really runs: under
+    repeat_and_select the group's tuning σ, not a one-run σ. Raises ConfigError / BudgetError for a
+    point that cannot run.
     """
     n = group_plan.n_train if group_plan is not None else training_size(cfg.base.data)
     updates = space.config_updates(params, cfg.base, n)
     if synthetic is not None and cfg.base.mix.synthetic == "synth":
         updates["mix.synthetic"] = synthetic
-    train_cfg = recipe.resolve(trial_config(cfg, group, updates, seed), n)
+    train_cfg = trial_config(cfg, group, updates, seed)
+    tau = params.get(space.TAU, recipe.TAU if train_cfg.optim.lr is None else None) if train_cfg.is_private else None
+    train_cfg = recipe.resolve(train_cfg, n, lr=tau is None)
     plan = plan_trial(train_cfg, group_plan)
-    if space.TAU in params and train_cfg.is_private:
-        train_cfg = with_updates(train_cfg, {"optim.lr": space.lr_from_tau(float(params[space.TAU]), train_cfg, plan.run)})
+    if tau is not None:
+        train_cfg = with_updates(train_cfg, {"optim.lr": space.lr_from_tau(float(tau), train_cfg, plan.run)})
     return train_cfg, plan
 
 

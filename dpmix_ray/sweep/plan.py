@@ -109,6 +109,8 @@ def check_sweep(cfg: SweepConfig) -> None:
                 )
     elif cfg.search.trials_shape is not None:
         raise ConfigError("search.trials_shape: only used by tuning_privacy: repeat_and_select")
+    if cfg.base.privacy.noise_multiplier is not None and (cfg.search.proxy is not None or "dp.steps" in cfg.space):
+        raise ConfigError("base.privacy.noise_multiplier: search.proxy and dp.steps fix the step count and calibrate σ; give epochs, not σ")
     if cfg.search.proxy is not None and cfg.final.seeds < 1:
         raise ConfigError("search.proxy: needs final.seeds >= 1 (proxy trials are never released: the chosen recipe's full-size runs are)")
 

@@ -80,39 +80,27 @@ def _steps(params: Mapping[str, Any], n_train: int) -> int:
 
 
 def default_point(cfg: SweepConfig, base: TrainConfig, n_train: int) -> dict[str, Any]:
-    """The embedded/derived default recipe in the space's coordinates (clipped into it): the base config's
-    values, the recipe's derived B and epochs where the base leaves them null, and τ = the recipe's 0.1."""
-    o = base.optim
-    point: dict[str, Any] = {
-        "optim.batch_size": o.batch_size or recipe.batch_size(n_train),
-        "optim.epochs": o.epochs or recipe.epochs(n_train),
-        TAU: recipe.TAU,
-    }
+    """The embedded/derived default recipe in the space's coordinates (clipped into it): the base config with
+    its null B, epochs (and lr, where lr is a coordinate) derived by :func:`dpmix_ray.recipe.resolve`, T, and
+    τ = the recipe's 0.1."""
+    flat = _flatten(recipe.resolve(base, n_train, lr="optim.lr" in cfg.space).model_dump(mode="json"))
+    point = {k: v for k, v in flat.items() if v is not None} | {TAU: recipe.TAU}
     point[STEPS] = _steps(point, n_train)
-    if o.lr is not None:
-        point["optim.lr"] = o.lr
-    flat = _flatten(base.model_dump(mode="json"))
-    for key in cfg.space:
-        if key not in point and flat.get(key) is not None:
-            point[key] = flat[key]
     return clip(point, cfg.space)
 
 
-def transfer(params: Mapping[str, Any], from_eps: float, to_eps: float, n_train: int, space: Space, *, delta: float,
-             accountant: str) -> dict[str, Any]:
+def transfer(params: Mapping[str, Any], from_eps: float, to_eps: float, base: TrainConfig, n_train: int, space: Space, *,
+             delta: float, accountant: str) -> dict[str, Any]:
     """A recipe found at ``from_eps`` moved to ``to_eps`` by the transfer rule (module docstring), clipped into ``space``.
 
     τ, B, T (or epochs), K, m, C are kept; lr, when it is a coordinate, is rescaled by σ(from)/σ(to) at the
-    recipe's (B, T) (:func:`dpmix_ray.recipe.transfer`).
+    recipe's (B, T, C): the point's own values, else the ``base`` config's (:func:`dpmix_ray.recipe.transfer`).
     """
     if "optim.lr" not in params:
         return clip(params, space)
-    in_config = dict(params)
-    if STEPS in params:
-        b = int(params.get("optim.batch_size") or recipe.batch_size(n_train))
-        in_config["optim.epochs"] = epochs_for_steps(int(params[STEPS]), min(1.0, b / n_train))
-    moved = recipe.transfer({k: v for k, v in in_config.items() if k not in (TAU, STEPS)}, from_eps, to_eps, n_train,
-                            delta=delta, accountant=accountant)
+    given = {"optim.batch_size": base.optim.batch_size, "optim.epochs": base.optim.epochs, "privacy.clip_norm": base.privacy.clip_norm}
+    recipe_at = {k: v for k, v in given.items() if v is not None} | config_updates(params, base, n_train)
+    moved = recipe.transfer(recipe_at, from_eps, to_eps, n_train, delta=delta, accountant=accountant)
     return clip({**params, "optim.lr": moved["optim.lr"]}, space)
 
 
