@@ -143,7 +143,7 @@ def test_two_node_sweep_on_s3_resumes_from_s3_alone_after_the_driver_dies(tmp_pa
 
     lines = _ledger_lines((out / S.LEDGER_FILE).read_bytes())
     state, records = S.read_state(out), S.read_records(out)
-    assert state.finished and state.resumes == 1 and S.sweep_complete(records, state.counts, 1)
+    assert state.finished and state.resumes == 1 and S.sweep_complete(records, state.counts, dict.fromkeys(state.counts, 1))
     assert len(records) == sum(state.counts.values()) + sum(1 for c in state.counts.values() if c) == 6  # + one final per ε
     for slot in {_slot(r) for r in lines}:  # nothing ran twice: each slot is one Tune trial, re-reported at most
         assert len({r["trial_id"] for r in lines if _slot(r) == slot}) == 1, slot
@@ -209,7 +209,7 @@ def test_synthesis_with_two_actors_on_two_nodes_writes_the_bytes_of_one_actor_on
 
 def test_lost_worker_node_trial_resumes_from_its_epoch_checkpoint_on_a_new_node(tmp_path: Path, two_nodes: LocalRayCluster, s3: MotoS3) -> None:
     cfg = sweep_yaml(tmp_path / "sweep.yaml", "wl", epsilons=[4], final={"seeds": 0},
-                     base=TINY_BASE | {"optim": {"batch_size": 16, "epochs": 16, "lr": 1.0}})  # 0.6-2 s an epoch here
+                     base=TINY_BASE | {"optim": {"batch_size": 16, "epochs": 64, "lr": 1.0}})  # 0.2 s (quiet) to 2 s an epoch here
     out, prefix = tmp_path / "out" / "wl", "sweeps/wl/"
     old = next(n for n in two_nodes.nodes if not n.head and n.proc.poll() is None)
     driver = _start(["sweep", str(cfg), "--address", two_nodes.address, "--storage", f"s3://{s3.bucket}/sweeps", "--out", str(out)],
