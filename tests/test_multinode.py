@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from raycluster import LocalRayCluster, MotoS3, free_port, kill_group, wait_for
+from test_sweep import TINY_BASE as SWEEP_BASE
 
 from dpmix_ray.sweep import state as S
 
@@ -33,14 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dpmix_ray.cli"]
 TRIAL = {"cpu": 1, "gpu": 0.5}  # only the worker has a (fake) GPU: two trials at a time there, none on the head
 
-TINY_BASE: dict[str, Any] = {
-    "method": "dpmix_self",
-    "data": {"name": "digits", "limit": 300},
-    "model": {"name": "cnn_tiny"},
-    "mix": {"aug_multiplicity": 2, "self_mix": 1},
-    "optim": {"batch_size": 32, "epochs": 1, "lr": 1.0},
-    "device": "cpu",
-}
+TINY_BASE: dict[str, Any] = SWEEP_BASE | {"model": {"name": "cnn_tiny"}}  # test_sweep's tiny sweep, with the cheaper model
 
 
 def sweep_yaml(path: Path, name: str, **over: Any) -> Path:
