@@ -16,7 +16,8 @@ import json
 import sys
 import time
 
-from dpmix_ray.audit import DEFAULT_CANARIES, DEFAULT_GUESSES, run_audit
+from dpmix_ray.audit import run_audit
+from dpmix_ray.config import AUDIT_CANARIES, AUDIT_GUESSES
 from dpmix_ray.config import load_train_config
 from dpmix_ray.data import load_splits
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="sklearn digits, 200 canaries, 100 guesses, ε ∈ {1, 8}")
     args = p.parse_args(argv)
     base = ["data.name=digits"] if args.quick else []
-    canaries, guesses = (200, 100) if args.quick else (DEFAULT_CANARIES, DEFAULT_GUESSES)
+    canaries, guesses = (200, 100) if args.quick else (AUDIT_CANARIES, AUDIT_GUESSES)
     splits = load_splits(load_train_config(None, base).data)
     start, out = time.perf_counter(), []
     for name, sets in rows_to_run(args.quick):

@@ -30,8 +30,6 @@ from dpmix_ray.mix import draw, self_augment
 from dpmix_ray.trainer import augmentation, fit
 
 CONFIDENCE = 0.95
-DEFAULT_CANARIES = AUDIT_CANARIES
-DEFAULT_GUESSES = AUDIT_GUESSES
 METHOD = "one-run black-box (Steinke, Nasr & Jagielski 2023), mislabelled canaries, score = -mean loss over augmentations"
 
 
@@ -186,8 +184,8 @@ def count_correct(guesses: np.ndarray, included: np.ndarray) -> int:
 def run_audit(
     cfg: TrainConfig,
     *,
-    canaries: int = DEFAULT_CANARIES,
-    guesses: int = DEFAULT_GUESSES,
+    canaries: int = AUDIT_CANARIES,
+    guesses: int = AUDIT_GUESSES,
     splits: Splits | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import binom
 
 from dpmix_ray import audit as A
-from dpmix_ray.config import load_train_config
+from dpmix_ray.config import AUDIT_CANARIES, AUDIT_GUESSES, load_train_config
 from dpmix_ray.data import load_splits
 
 
@@ -128,7 +128,7 @@ def test_cli_help_states_the_audit_defaults():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["audit"]
     helps = {a.dest: a.help for a in sub._actions}
-    assert f"(default {A.DEFAULT_CANARIES})" in helps["canaries"] and f"(default {A.DEFAULT_GUESSES})" in helps["guesses"]
+    assert f"(default {AUDIT_CANARIES})" in helps["canaries"] and f"(default {AUDIT_GUESSES})" in helps["guesses"]
 
 
 def test_cli_audit_refuses_more_guesses_than_canaries(capsys):
