@@ -131,7 +131,8 @@ def make_canaries(splits: Splits, count: int, *, label_seed: int) -> tuple[Split
     included = np.random.default_rng(secrets.randbits(128)).random(count) < 0.5
     canaries = Canaries(train.x[-count:], (train.y[-count:] + shift) % splits.num_classes, included)
     keep = torch.from_numpy(included)
-    audited = ImageSet(torch.cat([train.x[:-count], canaries.x[keep]]), torch.cat([train.y[:-count], canaries.y[keep]]))
+    audited = ImageSet(torch.cat([train.x[:-count], canaries.x[keep]]), torch.cat([train.y[:-count], canaries.y[keep]]),
+                       torch.cat([train.key[:-count], train.key[-count:][keep]]))  # a canary keeps its image's key
     return replace(splits, train=audited), canaries
 
 
@@ -149,12 +150,12 @@ def canary_scores(
     """
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for lo in range(0, len(canaries), batch):
         x = canaries.x[lo : lo + batch].to(device)
         y = canaries.y[lo : lo + batch].to(device)
-        d = draw(y, image_hw=(x.shape[2], x.shape[3]), k=views, m=0, n=0, alpha=1.0, padding=padding, flip=flip, gen=gen)
+        key = torch.arange(lo, lo + len(y), device=device)  # scoring is post-processing: position keys will do
+        d = draw(y, key, seed=seed, step=0, image_hw=(x.shape[2], x.shape[3]), k=views, m=0, n=0, alpha=1.0, padding=padding, flip=flip)
         logits = model(self_augment(x, d.crop, d.flip, padding=padding).flatten(0, 1))  # [b·V, classes]
         loss = nn.functional.cross_entropy(logits, y.repeat_interleave(views), reduction="none")
         out.append(-loss.view(len(y), views).mean(1).cpu())

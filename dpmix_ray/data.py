@@ -9,12 +9,14 @@ torchvision ``cifar10`` / ``cifar100`` / ``svhn`` / ``eurosat`` under ``data.roo
 ``imagefolder:<dir>``, ``parquet:<file or dir>`` and ``npz:<file>``.
 
 Split: an example's split depends on that example alone. Its key is a keyed hash of its image's
-bytes (:func:`split_keys`, key from ``split_seed``) read as a number u in [0, 1): u < ``test_fraction``
+bytes (:func:`example_keys`, key from ``split_seed``) read as a number u in [0, 1): u < ``test_fraction``
 is test, then ``val_fraction`` more is validation, the rest is train. Adding, removing or changing one
 example therefore moves no other example between train, val and test, and identical images always
 share a split (no duplicate leaks from train into test). CIFAR and SVHN keep their official test split
 and carve only val from train. Every split is in key order, so ``limit`` (a prefix of train) is a
-hash-chosen subset, and a reordered source gives the same splits.
+hash-chosen subset, and a reordered source gives the same splits. Each split carries the same 64
+bits as an int64 ``key`` per example: the trainer keys an example's augmentation and mixup draws by
+it (``dpmix_ray.mix``), so they too depend on that example alone.
 
 The price against the old stratified order: split sizes, and each class's share of a split, are
 binomial around the configured fractions instead of exact (for MNIST-5k's 500 a class, a class holds
@@ -63,14 +65,22 @@ MAX_FOLDER_SIZE = 224
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images ``x`` (float32 ``[N, C, H, W]`` in [0, 1]) and their labels ``y`` (int64 ``[N]``)."""
+    """Images ``x`` (float32 ``[N, C, H, W]`` in [0, 1]), their labels ``y`` (int64 ``[N]``) and, on the
+    splits :func:`load_splits` makes, each example's stable ``key`` (int64 ``[N]``, :func:`example_keys`:
+    a function of its image alone, so no other example and no position can change it)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    key: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
             raise ValueError(f"ImageSet needs x [N,C,H,W] and y [N], got {tuple(self.x.shape)} and {tuple(self.y.shape)}")
+        if self.key is not None and (self.key.shape != self.y.shape or self.key.dtype != torch.int64):
+            raise ValueError(f"ImageSet key must be int64 [N], got {self.key.dtype} {tuple(self.key.shape)} for {len(self.y)} labels")
+
+    def to(self, device: torch.device) -> "ImageSet":
+        return ImageSet(self.x.to(device), self.y.to(device), None if self.key is None else self.key.to(device))
 
     def __len__(self) -> int:
         return len(self.y)
@@ -449,16 +459,22 @@ def class_names_of(cfg: DataConfig) -> list[str]:
 # --------------------------------------------------------------------------- splitting
 
 
-def split_keys(x: torch.Tensor, split_seed: int) -> np.ndarray:
-    """Each example's position in [0, 1): a keyed BLAKE2b hash of its image's float32 bytes.
+def example_keys(x: torch.Tensor, split_seed: int) -> torch.Tensor:
+    """Each example's stable int64 key: a keyed BLAKE2b hash of its image's float32 bytes (64 bits).
 
     It depends on that image and ``split_seed`` alone (the key also binds the image shape), so no other
-    example can move it; identical images get the same key and land in the same split.
+    example, and no position in the source, can change it. Identical images get the same key: they land
+    in the same split and, in training, draw the same augmentations at a step.
     """
     arr = np.ascontiguousarray(x.numpy(), dtype="<f4")
     key = hashlib.blake2b(f"dpmix-split|{split_seed}|{arr.shape[1:]}".encode(), digest_size=32).digest()
     digests = b"".join(hashlib.blake2b(row, key=key, digest_size=8).digest() for row in arr)
-    return np.frombuffer(digests, dtype=">u8").astype(np.float64) / 2.0**64
+    return torch.from_numpy(np.frombuffer(digests, dtype=">u8").astype(np.uint64).view(np.int64).copy())
+
+
+def split_position(keys: torch.Tensor) -> np.ndarray:
+    """A key's 64 bits read as an unsigned number u in [0, 1): where the example falls among the splits."""
+    return keys.numpy().view(np.uint64).astype(np.float64) / 2.0**64
 
 
 def _nonempty(count: int, total: int, what: str, hint: str, name: str) -> None:
@@ -467,21 +483,25 @@ def _nonempty(count: int, total: int, what: str, hint: str, name: str) -> None:
 
 
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.name`` into memory and split it by :func:`split_keys` (see the module docstring)."""
+    """Load ``cfg.name`` into memory and split it by :func:`example_keys` (see the module docstring)."""
     src = _load_source(cfg)
     if len(src.y) == 0:
         raise DataError(f"{cfg.name}: no images")
-    keys = split_keys(src.x, cfg.split_seed)
-    order = np.argsort(keys, kind="stable")
+    keys = example_keys(src.x, cfg.split_seed)
+    pos = split_position(keys)
+    order = np.argsort(pos, kind="stable")
     test_cut = 0.0 if src.test is not None else cfg.test_fraction
-    t, v = np.searchsorted(keys[order], [test_cut, test_cut + cfg.val_fraction]).tolist()
+    t, v = np.searchsorted(pos[order], [test_cut, test_cut + cfg.val_fraction]).tolist()
     idx = torch.from_numpy(order)
-    x, y = src.x[idx], src.y[idx]
+    x, y, keys = src.x[idx], src.y[idx], keys[idx]
     if src.test is None:
         _nonempty(t, len(y), "test", "raise data.test_fraction", cfg.name)
     _nonempty(v - t, len(y), "validation", "raise data.val_fraction", cfg.name)
     _nonempty(len(y) - v, len(y), "training", "lower data.val_fraction or data.test_fraction", cfg.name)
-    test = src.test if src.test is not None else ImageSet(x[:t], y[:t])
+    if src.test is not None:
+        test = ImageSet(src.test.x, src.test.y, example_keys(src.test.x, cfg.split_seed))
+    else:
+        test = ImageSet(x[:t], y[:t], keys[:t])
     end = len(y) if cfg.limit is None else min(len(y), v + cfg.limit)
-    train, val = ImageSet(x[v:end], y[v:end]), ImageSet(x[t:v], y[t:v])
+    train, val = ImageSet(x[v:end], y[v:end], keys[v:end]), ImageSet(x[t:v], y[t:v], keys[t:v])
     return Splits(train, val, test, len(src.class_names), list(src.class_names), src.hflip_safe)

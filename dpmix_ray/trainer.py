@@ -152,7 +152,9 @@ def fit(
     if cfg.is_private:
         assert_dp_compatible(model)
     model.to(device).train()
-    train_set, val_set, test_set = (ImageSet(s.x.to(device), s.y.to(device)) for s in (splits.train, splits.val, splits.test))
+    if splits.train.key is None:
+        raise ValueError("the training split needs per-example keys (data.load_splits sets them): the draws are keyed by them")
+    train_set, val_set, test_set = (s.to(device) for s in (splits.train, splits.val, splits.test))
     pool = _synthetic_pool(cfg, splits, progress)
     pool = pool.to(device) if pool is not None else None
     params = G.trainable(model)
@@ -164,7 +166,6 @@ def fit(
     ema = AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(cfg.optim.ema)) if cfg.optim.ema is not None else None
     released = ema.module if ema is not None else model
 
-    augment = torch.Generator(device=device).manual_seed(M.derive_seed(cfg.seed, "augment"))  # public: crops, flips, λ
     rand = M.Randomness.secret_on(device) if private_run(cfg) else M.Randomness.from_seed(cfg.seed, device)
     start_step, train_seconds = 0, 0.0
     if resume_state is not None:
@@ -175,14 +176,14 @@ def fit(
         sched.load_state_dict(resume_state["scheduler"])
         if ema is not None:
             ema.load_state_dict(resume_state["ema"])
-        augment.set_state(resume_state["augment"])
         rand.load_state(resume_state["mechanism"])
         start_step, train_seconds = resume_state["step"], resume_state["seconds"]
 
     flip, padding = augmentation(cfg, splits)
     draw_kwargs = dict(
         image_hw=(splits.train.x.shape[2], splits.train.x.shape[3]), k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix,
-        n=cfg.mix.diff_mix, alpha=cfg.mix.alpha, padding=padding, flip=flip, gen=augment, synthetic=pool,
+        n=cfg.mix.diff_mix, alpha=cfg.mix.alpha, padding=padding, flip=flip, synthetic=pool,
+        seed=M.derive_seed(cfg.seed, "augment"),  # public: crops, flips, λ; keyed per example and step (no state)
         same_class=cfg.mix.diff_pairing == "same_class",
     )
     source = per_example_source(model, per_example_fn)
@@ -204,7 +205,7 @@ def fit(
         """A deep copy (training goes on mutating the live tensors); secret randomness is not in it."""
         return copy.deepcopy({
             "plan": plan.as_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "augment": augment.get_state(), "mechanism": rand.state(),
+            "scheduler": sched.state_dict(), "mechanism": rand.state(),
             "step": step + 1, "seconds": train_seconds, "ema": ema.state_dict() if ema is not None else None,
         })
 
@@ -221,7 +222,9 @@ def fit(
         else:
             summed: M.Grads = {k: torch.zeros_like(p) for k, p in params.items()}
         labels = train_set.y[idx]
-        draws = draw(labels, **draw_kwargs)  # for the whole batch: chunking does not change the groups
+        # Each row keyed by its example's stable key and the step: neither the chunking nor the batch's
+        # other members change an example's group.
+        draws = draw(labels, train_set.key[idx], step=step, **draw_kwargs)
         for lo in range(0, len(idx), chunk):
             sel = idx[lo : lo + chunk]
             imgs, tgts = assemble(train_set.x[sel], labels[lo : lo + chunk], draws[lo : lo + chunk],

@@ -28,8 +28,8 @@ def random_groups(b: int, k: int, m: int, n: int, seed: int, scale: float = 1.0)
     x = torch.rand(b, 1, 8, 8, generator=gen, dtype=torch.float64) * scale
     y = torch.randint(0, CLASSES, (b,), generator=gen)
     pool = SyntheticPool.from_tensors(torch.rand(12, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(12) % CLASSES, CLASSES)
-    return build_groups(x, y, num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
-                        gen=torch.Generator().manual_seed(seed), synthetic=pool if n else None)
+    return build_groups(x, y, torch.arange(b), num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
+                        seed=seed, synthetic=pool if n else None)
 
 
 def flat(grads: M.Grads) -> torch.Tensor:
@@ -97,10 +97,11 @@ def test_a_group_depends_only_on_its_own_example():
     y = torch.tensor([0, 1, 2, 0])
     pool = SyntheticPool.from_tensors(torch.rand(9, 1, 8, 8, generator=gen), torch.arange(9) % 3, 3)
     kw = dict(num_classes=3, k=4, m=3, n=2, alpha=0.2, padding=2, flip=True, synthetic=pool)
-    a, ta = build_groups(x, y, gen=torch.Generator().manual_seed(0), **kw)
+    key = torch.tensor([11, 22, 33, 44])
+    a, ta = build_groups(x, y, key, seed=0, **kw)
     x2 = x.clone()
     x2[2] = torch.rand(1, 8, 8, generator=gen)
-    b, tb = build_groups(x2, y, gen=torch.Generator().manual_seed(0), **kw)
+    b, tb = build_groups(x2, y, key, seed=0, **kw)
     for i in (0, 1, 3):
         assert torch.equal(a[i], b[i]) and torch.equal(ta[i], tb[i])
     assert not torch.equal(a[2], b[2])

@@ -58,8 +58,8 @@ def groups(b: int, k: int, m: int, n: int, *, channels: int, size: int, seed: in
     x = torch.rand(b, channels, size, size, generator=gen, dtype=torch.float64) * scale
     y = torch.randint(0, CLASSES, (b,), generator=gen)
     pool = SyntheticPool.from_tensors(torch.rand(10, channels, size, size, generator=gen, dtype=torch.float64), torch.arange(10) % CLASSES, CLASSES)
-    return build_groups(x, y, num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
-                        gen=torch.Generator().manual_seed(seed), synthetic=pool if n else None)
+    return build_groups(x, y, torch.arange(b), num_classes=CLASSES, k=k, m=m, n=n, alpha=0.4, padding=2, flip=True,
+                        seed=seed, synthetic=pool if n else None)
 
 
 class Odd(nn.Module):

@@ -166,3 +166,71 @@ def test_a_step_copies_nothing_from_the_host(digits, monkeypatch):
         torch.zeros(2).to(torch.float64)  # a dtype change is no transfer
         torch.as_tensor(np.zeros(2))
     assert probe.count == 2
+
+
+def test_adding_an_example_leaves_every_other_group_bit_identical(tmp_path, monkeypatch):
+    """On D and D ∪ {x} (x first in the source, so every source position moves), with the same public
+    seed and the same other examples sampled (the Poisson draws fixed by a hook), every other example's
+    group at two steps is bit-identical, though x takes a row before them in the batch."""
+    from sklearn.datasets import load_digits
+
+    from dpmix_ray import mechanism as M
+    from dpmix_ray.data import write_labelled_images
+
+    d = load_digits()
+    images, labels = np.rint(d.images * (255 / 16)).astype(np.uint8), d.target
+
+    def splits_of(rows: list[int], name: str):
+        write_labelled_images(tmp_path / name, images[rows], labels[rows], [str(c) for c in range(10)])
+        return load_splits(load_train_config(None, TINY + [f"data.name=npz:{tmp_path / name}"]).data)
+
+    base = list(range(1, 301))
+    small = splits_of(base, "d.npz")
+    big = next(s for s in (splits_of([c, *base], f"dx{c}.npz") for c in range(301, 320)) if len(s.train) == len(small.train) + 1)
+    train_keys = small.train.key.tolist()
+    others = torch.tensor([k for k in train_keys if train_keys.count(k) == 1][::8][:24])  # spread over the split
+    x_key = next(k for k in big.train.key.tolist() if k not in set(train_keys))
+    moved = [k for k in others.tolist() if big.train.key.tolist().index(k) != train_keys.index(k)]
+    assert 0 < len(moved) < len(others)  # x lands among them: training-set indices move too
+    orders = [others.tolist(), others.flip(0).tolist()]
+    captured: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    state = {"step": -1, "with_x": False, "splits": small}
+    assemble = T.assemble
+
+    def fixed_sample(n, q, generator):
+        state["step"] += 1
+        order = list(orders[state["step"] % 2])
+        if state["with_x"]:
+            order.insert(0 if state["step"] == 0 else 12, x_key)
+        index = {k: i for i, k in enumerate(state["splits"].train.key.tolist())}
+        return torch.tensor([index[k] for k in order])
+
+    def recording_assemble(*args, **kwargs):
+        imgs, tgts = assemble(*args, **kwargs)
+        captured.append((state["step"], imgs, tgts))
+        return imgs, tgts
+
+    monkeypatch.setattr(M, "poisson_sample", fixed_sample)
+    monkeypatch.setattr(T, "assemble", recording_assemble)
+    cfg = load_train_config(None, TINY + ["optim.epochs=0.6", "optim.physical_batch_size=9"])
+
+    def groups(splits, with_x: bool) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """(step, key) → that example's images and targets, for the first two steps."""
+        state.update(step=-1, with_x=with_x, splits=splits)
+        captured.clear()
+        T.train(cfg, splits=splits, progress=False)
+        out = {}
+        for step in (0, 1):
+            imgs = torch.cat([i for s, i, _ in captured if s == step])
+            tgts = torch.cat([t for s, _, t in captured if s == step])
+            order = list(orders[step])
+            if with_x:
+                order.insert(0 if step == 0 else 12, x_key)
+            out |= {(step, k): (imgs[r], tgts[r]) for r, k in enumerate(order)}
+        return out
+
+    without, with_x = groups(small, False), groups(big, True)
+    assert len(without) == 48 and len(with_x) == 50
+    for where, (imgs, tgts) in without.items():
+        assert torch.equal(imgs, with_x[where][0]) and torch.equal(tgts, with_x[where][1]), where
+    assert not torch.equal(with_x[(0, x_key)][0], with_x[(1, x_key)][0])  # the step enters x's draws
