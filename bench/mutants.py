@@ -90,7 +90,7 @@ MUTANTS = (
            (("        idx = batch_indices(step)\n", "        idx = batch_indices(step)\n        if len(idx) == 0:\n            continue\n"),),
            "tests/test_mechanism.py"),
     Mutant("host_copy_per_chunk", "each chunk's images copied from the host dataset", "dpmix_ray/trainer.py",
-           (("assemble(train_set.x[sel],", "assemble(splits.train.x[sel.cpu()].to(device),"),), "tests/test_trainer.py"),
+           (("assemble(train_set.images(sel),", "assemble(splits.train.x[sel.cpu()].to(device),"),), "tests/test_trainer.py"),
 )
 
 

@@ -67,11 +67,15 @@ MAX_FOLDER_SIZE = 224
 class ImageSet:
     """Images ``x`` (float32 ``[N, C, H, W]`` in [0, 1]), their labels ``y`` (int64 ``[N]``) and, on the
     splits :func:`load_splits` makes, each example's stable ``key`` (int64 ``[N]``, :func:`example_keys`:
-    a function of its image alone, so no other example and no position can change it)."""
+    a function of its image alone, so no other example and no position can change it).
+
+    A :meth:`compact` set holds ``x`` as uint8 codes and ``lut``, the float32 value of each code: read
+    its images with :meth:`images`, which gives back the float32 set bit for bit."""
 
     x: torch.Tensor
     y: torch.Tensor
     key: torch.Tensor | None = None
+    lut: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
@@ -80,7 +84,23 @@ class ImageSet:
             raise ValueError(f"ImageSet key must be int64 [N], got {self.key.dtype} {tuple(self.key.shape)} for {len(self.y)} labels")
 
     def to(self, device: torch.device) -> "ImageSet":
-        return ImageSet(self.x.to(device), self.y.to(device), None if self.key is None else self.key.to(device))
+        return ImageSet(*(None if t is None else t.to(device) for t in (self.x, self.y, self.key, self.lut)))
+
+    def images(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """float32 images of ``rows``, converted from the codes of a compact set where they are read."""
+        return self.x[rows] if self.lut is None else self.lut[self.x[rows].long()]
+
+    def compact(self) -> "ImageSet":
+        """This set with ``x`` as uint8 codes (a quarter of float32's memory), when every pixel is code/255
+        (8-bit sources, ``_to_float``) or code/16 (sklearn digits' 17 grey levels) in float32 exactly;
+        otherwise this set unchanged. Checked on the whole set, so :meth:`images` is bit-identical."""
+        if self.lut is not None:
+            return self
+        for divisor in (255.0, 16.0):
+            codes = (self.x * divisor).round_().clamp_(0, 255).to(torch.uint8)
+            if torch.equal(codes.to(torch.float32).div_(divisor), self.x):
+                return ImageSet(codes, self.y, self.key, torch.arange(256, dtype=torch.float32).div_(divisor))
+        return self
 
     def __len__(self) -> int:
         return len(self.y)

@@ -5,7 +5,8 @@ private methods Poisson-sample each logical batch, form per-example gradients of
 loss in physical chunks, and hand them to the mechanism (``mechanism.LogicalStep``: clip each once,
 sum, add N(0, σ²C²) once, divide by q·N). The privacy plan (σ or step count) is fixed and checked
 before the first step, and a run over budget never starts. The data live on the training device
-from the start: a step copies nothing from the host.
+from the start (as uint8 codes where the pixels allow, converted per chunk): a step copies nothing
+from the host.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def evaluate(model: nn.Module, data: ImageSet, batch: int = 1024) -> float:
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.y.device)
     for i in range(0, len(data), batch):
-        correct += (model(data.x[i : i + batch]).argmax(1) == data.y[i : i + batch]).sum()
+        correct += (model(data.images(slice(i, i + batch))).argmax(1) == data.y[i : i + batch]).sum()
     model.train()
     return int(correct) / max(1, len(data))
 
@@ -154,7 +155,8 @@ def fit(
     model.to(device).train()
     if splits.train.key is None:
         raise ValueError("the training split needs per-example keys (data.load_splits sets them): the draws are keyed by them")
-    train_set, val_set, test_set = (s.to(device) for s in (splits.train, splits.val, splits.test))
+    # uint8 on the device where the pixels allow it; each chunk becomes float32 where it is read
+    train_set, val_set, test_set = (s.compact().to(device) for s in (splits.train, splits.val, splits.test))
     pool = _synthetic_pool(cfg, splits, progress)
     pool = pool.to(device) if pool is not None else None
     params = G.trainable(model)
@@ -227,7 +229,7 @@ def fit(
         draws = draw(labels, train_set.key[idx], step=step, **draw_kwargs)
         for lo in range(0, len(idx), chunk):
             sel = idx[lo : lo + chunk]
-            imgs, tgts = assemble(train_set.x[sel], labels[lo : lo + chunk], draws[lo : lo + chunk],
+            imgs, tgts = assemble(train_set.images(sel), labels[lo : lo + chunk], draws[lo : lo + chunk],
                                   num_classes=splits.num_classes, padding=padding, synthetic=pool)
             if cfg.is_private:
                 logical.add(source(imgs, tgts))

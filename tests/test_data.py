@@ -386,3 +386,28 @@ def test_too_small_dataset_is_data_error(tmp_path):
 def test_imageset_checks_shapes():
     with pytest.raises(ValueError):
         data_mod.ImageSet(torch.zeros(3, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("source", ["digits", "mnist5k", "npz"])
+def test_compact_sets_are_uint8_and_give_back_the_float_images_bit_for_bit(source, tmp_path):
+    """The trainer holds ``compact()`` sets on the device: uint8 codes whose per-chunk conversion equals
+    the loaded float32 tensor exactly (digits' 17 levels included); keys and labels are untouched."""
+    if source == "npz":
+        x = torch.randint(0, 256, (300, 3, 5, 5), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+        cfg = DataConfig(name=_write_source(tmp_path / "s.npz", x.float() / 255, torch.arange(300) % 5))
+    else:
+        cfg = DataConfig(name=source, limit=500)
+    for s in (lambda sp: sp.train, lambda sp: sp.val, lambda sp: sp.test):
+        full = s(load_splits(cfg))
+        small = full.compact()
+        assert small.x.dtype == torch.uint8 and small.x.shape == full.x.shape
+        assert small.y is full.y and small.key is full.key and small.compact() is small
+        assert torch.equal(small.images(slice(None)), full.x)
+        rows = torch.tensor([len(full) - 1, 0, 3, 3])
+        assert torch.equal(small.images(rows), full.x[rows])
+
+
+def test_a_set_with_other_pixel_values_stays_float():
+    x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    s = data_mod.ImageSet(x, torch.zeros(4, dtype=torch.long))
+    assert s.compact() is s and torch.equal(s.images(slice(1, 3)), x[1:3])

@@ -234,3 +234,24 @@ def test_adding_an_example_leaves_every_other_group_bit_identical(tmp_path, monk
     for where, (imgs, tgts) in without.items():
         assert torch.equal(imgs, with_x[where][0]) and torch.equal(tgts, with_x[where][1]), where
     assert not torch.equal(with_x[(0, x_key)][0], with_x[(1, x_key)][0])  # the step enters x's draws
+
+
+def test_uint8_data_on_the_device_train_bit_identically_to_float(digits, monkeypatch):
+    """A reproducible run holds the splits as uint8 codes (``ImageSet.compact``) and converts each chunk
+    where it is read: its results equal a run that holds float32 sets, and a second uint8 run's."""
+    from dpmix_ray.data import ImageSet
+
+    cfg = load_train_config(None, TINY + ["optim.epochs=0.3", "privacy.epsilon=8", "privacy.reproducible=true",
+                                          "optim.physical_batch_size=15"])
+    held = []
+    to = ImageSet.to
+    monkeypatch.setattr(ImageSet, "to", lambda self, device: held.append(self.x.dtype) or to(self, device))
+    compact = [T.fit(cfg, splits=digits, progress=False) for _ in range(2)]
+    assert held == [torch.uint8] * 6
+    monkeypatch.setattr(ImageSet, "compact", lambda self: self)
+    plain = T.fit(cfg, splits=digits, progress=False)
+    assert held[6:] == [torch.float32] * 3
+    for key in ("val_accuracy", "test_accuracy", "steps", "noise_multiplier"):
+        assert compact[0].result[key] == compact[1].result[key] == plain.result[key], key
+    for name, p in plain.model.state_dict().items():  # the trained weights, bit for bit
+        assert all(torch.equal(f.model.state_dict()[name], p) for f in compact), name
