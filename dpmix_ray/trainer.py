@@ -273,7 +273,8 @@ def _spent_so_far(cfg: TrainConfig, plan: Plan, steps: int) -> float:
     if not cfg.is_private:
         return math.inf
     return epsilon_spent(
-        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, delta=cfg.privacy.delta, accountant=plan.accountant
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, delta=cfg.privacy.delta, accountant=plan.accountant,
+        neighbouring=plan.neighbouring,
     )
 
 
@@ -291,6 +292,7 @@ def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, val: ImageSet, test:
         "epsilon_spent": plan.epsilon_spent if cfg.is_private else None,
         "delta": cfg.privacy.delta if cfg.is_private else None,
         "accountant": plan.accountant,
+        "neighbouring": plan.neighbouring,
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "steps": plan.steps,
