@@ -118,6 +118,7 @@ def _synthetic_pool(cfg: TrainConfig, splits: Splits, progress: bool) -> Synthet
     s = resolve_synthetic(
         cfg.mix.synthetic, cfg.synth, class_names=splits.class_names, channels=splits.channels,
         image_size=splits.image_size, private=cfg.data.name, is_public=cfg.mix.synthetic_is_public, progress=progress,
+        private_images=torch.cat([splits.train.x, splits.val.x, splits.test.x]),
     )
     return SyntheticPool.from_tensors(s.x, s.y, splits.num_classes)
 
