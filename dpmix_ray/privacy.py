@@ -77,11 +77,16 @@ def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
         acc = pld.PLDAccountant(DP_ACCOUNTING_RELATION[neighbouring], value_discretization_interval=PLD_INTERVAL)
         acc.compose(_dpsgd_event(noise_multiplier, sample_rate, steps))
         return float(acc.get_epsilon(delta))
-    if neighbouring != "zero_out":  # Opacus's analyses are add/remove = zero-out bounds (module docstring)
-        raise ValueError(f"the {accountant} accountant bounds zero_out neighbours only, not {neighbouring}: use pld")
+    _check_relation(accountant, neighbouring)
     acc = create_accountant(mechanism=accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
+
+
+def _check_relation(accountant: str, neighbouring: str) -> None:
+    """Opacus's analyses are add/remove bounds, which hold for zero_out only (module docstring)."""
+    if accountant != "pld" and neighbouring != "zero_out":
+        raise ValueError(f"the {accountant} accountant bounds zero_out neighbours only, not {neighbouring}: use pld")
 
 
 def _smallest_sigma(spent: Callable[[float], float], epsilon: float) -> float:
@@ -91,7 +96,9 @@ def _smallest_sigma(spent: Callable[[float], float], epsilon: float) -> float:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError("no σ below 1e6 fits")
-    while spent(hi) < (1 - EPSILON_REL_TOLERANCE) * epsilon:
+    for _ in range(60):  # σ is then exact to float precision, tolerance met or not
+        if spent(hi) >= (1 - EPSILON_REL_TOLERANCE) * epsilon:
+            break
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)
     return hi
@@ -110,7 +117,7 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
         if accountant == "pld":
             sigma = _smallest_sigma(spent, epsilon)
         else:
-            spent(1.0)  # refuses a relation the accountant does not bound
+            _check_relation(accountant, neighbouring)
             sigma = get_noise_multiplier(
                 target_epsilon=epsilon,
                 target_delta=delta,
