@@ -33,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from dpmix_ray.config import privacy_config
     from dpmix_ray.privacy import calibrate_noise, epsilon_spent, max_steps, steps_for_epochs
 
     if not 0 < args.sample_rate <= 1:
@@ -41,25 +42,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise ConfigError(f"--epsilon: must be > 0 (got {args.epsilon})")
     if not 0 < args.delta < 1:
         raise ConfigError(f"--delta: must be in (0, 1) (got {args.delta})")
-    q, acct = args.sample_rate, args.accountant
+    privacy_config({"accountant": args.accountant, "neighbouring": args.neighbouring}, "plan")  # the pair is checked in one place
+    q, acct = args.sample_rate, dict(accountant=args.accountant, neighbouring=args.neighbouring)
     if args.noise_multiplier is not None:
         if not args.noise_multiplier > 0:
             raise ConfigError("--noise-multiplier: must be > 0")
         sigma = args.noise_multiplier
-        steps = max_steps(epsilon=args.epsilon, delta=args.delta, sample_rate=q, noise_multiplier=sigma, accountant=acct)
+        steps = max_steps(epsilon=args.epsilon, delta=args.delta, sample_rate=q, noise_multiplier=sigma, **acct)
     else:
         steps = args.steps if args.steps is not None else steps_for_epochs(args.epochs, q)
         if steps < 1:
             raise ConfigError("--steps/--epochs: must give at least one step")
-        sigma = calibrate_noise(epsilon=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, accountant=acct)
-    spent = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta, accountant=acct)
+        sigma = calibrate_noise(epsilon=args.epsilon, delta=args.delta, sample_rate=q, steps=steps, **acct)
+    spent = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=args.delta, **acct)
     out = {"noise_multiplier": sigma, "steps": steps, "epochs": steps * q, "sample_rate": q, "epsilon_target": args.epsilon,
-           "epsilon_spent": spent, "delta": args.delta, "accountant": acct}
+           "epsilon_spent": spent, "delta": args.delta, **acct}
     if args.json:
         _print_json(out)
     else:
         print(f"σ = {sigma:.4f}, {steps} steps ({steps * q:.2f} epochs) at q = {q:.4g}: "
-              f"ε_spent = {spent:.4f} ≤ {args.epsilon:g} (δ = {args.delta:g}, {acct})")
+              f"ε_spent = {spent:.4f} ≤ {args.epsilon:g} (δ = {args.delta:g}, {args.accountant}, {args.neighbouring})")
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--epochs", type=float)
     g.add_argument("--noise-multiplier", type=float)
-    pl.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    pl.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp")
+    pl.add_argument("--neighbouring", choices=["zero_out", "replace_one"], default="zero_out")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
 

@@ -101,16 +101,33 @@ class MixConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
+    """The budget, and which datasets count as neighbours (the relation every stated ε is about, dpmix_ray.privacy)."""
+
     epsilon: float = Field(2.0, gt=0.0)
     delta: float = Field(1.0e-5, gt=0.0, lt=1.0)
     clip_norm: float = Field(1.0, gt=0.0)
     noise_multiplier: float | None = Field(None, gt=0.0)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv", "pld"] = Field(
+        "rdp", description="rdp | prv: Opacus's; pld: dp_accounting's privacy-loss-distribution accountant (needed by replace_one)"
+    )
+    neighbouring: Literal["zero_out", "replace_one"] = Field(
+        "zero_out",
+        description="zero_out: neighbours replace one training example by a null one with zero gradient, N is public; "
+        "replace_one: neighbours swap one example for another (about twice the noise for the same ε; needs accountant: pld)",
+    )
     reproducible: bool = Field(
         False,
         description="derive the Poisson masks and the noise from `seed` (research, tests): the run is then NOT private; "
         "false = secret randomness, never saved",
     )
+
+    @model_validator(mode="after")
+    def _relation_has_accountant(self) -> "PrivacyConfig":
+        if self.neighbouring == "replace_one" and self.accountant != "pld":
+            raise ValueError(
+                f"neighbouring: replace_one needs accountant: pld (Opacus's {self.accountant} bounds zero_out neighbours only)"
+            )
+        return self
 
 
 class OptimConfig(_Strict):
@@ -276,6 +293,15 @@ class SweepConfig(_Strict):
     # (excluded from dumps, so from config_hash and the stored sweep.yaml): `--storage` and
     # $DPMIX_RAY_STORAGE_PATH set the same thing.
     storage: str | None = Field(None, exclude=True, description="s3://bucket/prefix (or a shared path) for Tune and the sweep's outputs")
+
+    @model_validator(mode="after")
+    def _tuning_relation(self) -> "SweepConfig":
+        if self.tuning_privacy == "repeat_and_select" and self.base.privacy.neighbouring != "zero_out":
+            raise ValueError(
+                "tuning_privacy: repeat_and_select needs base.privacy.neighbouring: zero_out (no accountant here composes "
+                "replace_one with repeat-and-select)"
+            )
+        return self
 
     @field_validator("epsilons")
     @classmethod
@@ -457,6 +483,11 @@ def load_data_config(path: str | Path, overrides: list[str] | None = None) -> Da
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: {where}: expected a mapping")
     return _build(DataConfig, section, f"{path}: {where}")
+
+
+def privacy_config(raw: dict[str, Any], where: str) -> PrivacyConfig:
+    """A privacy section on its own (``dpmix-ray plan``), validated as in a config file."""
+    return _build(PrivacyConfig, raw, where)
 
 
 def with_updates(cfg: TrainConfig, updates: dict[str, Any]) -> TrainConfig:

@@ -471,6 +471,20 @@ def _load_source(cfg: DataConfig) -> _Source:
     raise ConfigError(f"data.name: unknown dataset '{cfg.name}' (choose from {choices})")
 
 
+def content_hashes(x: torch.Tensor) -> list[str]:
+    """An unkeyed BLAKE2b hash of each image's 8-bit pixels (shape bound in): a lossless copy of the same
+    images under another name, path or file format hashes the same, which names cannot show."""
+    arr = np.ascontiguousarray(x.mul(255).round_().clamp_(0, 255).to(torch.uint8).numpy())
+    shape = str(arr.shape[1:]).encode()
+    return [hashlib.blake2b(shape + row.tobytes(), digest_size=16).hexdigest() for row in arr]
+
+
+def all_images(cfg: DataConfig) -> torch.Tensor:
+    """Every image of ``cfg.name`` (every split, no limit): what a generator trained on it has seen."""
+    src = _load_source(cfg)
+    return src.x if src.test is None else torch.cat([src.x, src.test.x])
+
+
 def class_names_of(cfg: DataConfig) -> list[str]:
     """A dataset's class names (its source loaded, not split): what a synth set made for it generates."""
     return list(_load_source(cfg).class_names)

@@ -116,10 +116,12 @@ def resolve(cfg: TrainConfig, n_train: int, *, lr: bool = True) -> TrainConfig:
             q = min(1.0, b / n_train)
             if sigma_given:
                 sigma = p.noise_multiplier
-                steps = max_steps(epsilon=p.epsilon, delta=p.delta, sample_rate=q, noise_multiplier=sigma, accountant=p.accountant)
+                steps = max_steps(epsilon=p.epsilon, delta=p.delta, sample_rate=q, noise_multiplier=sigma, accountant=p.accountant,
+                                  neighbouring=p.neighbouring)
             else:
                 steps = steps_for_epochs(updates.get("optim.epochs", o.epochs), q)
-                sigma = calibrate_noise(epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant)
+                sigma = calibrate_noise(epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant,
+                                        neighbouring=p.neighbouring)
             updates["optim.lr"] = round(lr_for(TAU, noise_multiplier=sigma, batch_size=b, steps=steps, clip_norm=p.clip_norm), 4)
     return with_updates(cfg, updates) if updates else cfg
 
@@ -128,7 +130,7 @@ def resolve(cfg: TrainConfig, n_train: int, *, lr: bool = True) -> TrainConfig:
 
 
 def transfer(
-    params: Mapping[str, Any], from_eps: float, to_eps: float, n_train: int, *, delta: float = 1e-5, accountant: str = "rdp"
+    params: Mapping[str, Any], from_eps: float, to_eps: float, n_train: int, *, delta: float, accountant: str, neighbouring: str
 ) -> dict[str, Any]:
     """Move a recipe (dotted config keys → values) found at ``from_eps`` to ``to_eps``.
 
@@ -150,7 +152,7 @@ def transfer(
     clip = float(params.get("privacy.clip_norm", 1.0))
 
     def sigma(eps: float) -> float:
-        return calibrate_noise(epsilon=eps, delta=delta, sample_rate=q, steps=steps, accountant=accountant)
+        return calibrate_noise(epsilon=eps, delta=delta, sample_rate=q, steps=steps, accountant=accountant, neighbouring=neighbouring)
 
     out["optim.lr"] = min(float(params["optim.lr"]) * sigma(from_eps) / sigma(to_eps), MAX_STEP / clip)
     return out

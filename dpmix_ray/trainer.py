@@ -119,6 +119,7 @@ def _synthetic_pool(cfg: TrainConfig, splits: Splits, progress: bool) -> Synthet
     s = resolve_synthetic(
         cfg.mix.synthetic, cfg.synth, class_names=splits.class_names, channels=splits.channels,
         image_size=splits.image_size, private=cfg.data.name, is_public=cfg.mix.synthetic_is_public, progress=progress,
+        private_images=torch.cat([splits.train.x, splits.val.x, splits.test.x]),
     )
     return SyntheticPool.from_tensors(s.x, s.y, splits.num_classes)
 
@@ -278,7 +279,8 @@ def _spent_so_far(cfg: TrainConfig, plan: Plan, steps: int) -> float:
     if not cfg.is_private:
         return math.inf
     return epsilon_spent(
-        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, delta=cfg.privacy.delta, accountant=plan.accountant
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, delta=cfg.privacy.delta, accountant=plan.accountant,
+        neighbouring=plan.neighbouring,
     )
 
 
@@ -296,6 +298,7 @@ def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, val: ImageSet, test:
         "epsilon_spent": plan.epsilon_spent if cfg.is_private else None,
         "delta": cfg.privacy.delta if cfg.is_private else None,
         "accountant": plan.accountant,
+        "neighbouring": plan.neighbouring,
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "steps": plan.steps,

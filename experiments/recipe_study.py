@@ -47,7 +47,7 @@ def sigma(epsilon: float, batch: int, epochs: float, n: int = 3_500) -> tuple[fl
     from dpmix_ray.privacy import calibrate_noise, steps_for_epochs
 
     steps = steps_for_epochs(epochs, batch / n)
-    return calibrate_noise(epsilon=epsilon, delta=1e-5, sample_rate=batch / n, steps=steps), steps
+    return calibrate_noise(epsilon=epsilon, delta=1e-5, sample_rate=batch / n, steps=steps, accountant="rdp", neighbouring="zero_out"), steps
 
 
 def tau_grid(seeds: list[int], epsilons: tuple[float, ...], mixes: list[tuple[int, int]], batches: tuple[int, ...],

@@ -61,3 +61,14 @@ def test_plan_calibrates_and_refuses():
     assert_one_line_error(run("plan", "--epsilon", "0.001", "--delta", "1e-9", "--sample-rate", "0.5", "--noise-multiplier", "0.5"), "single step")
     assert_one_line_error(run("plan", "--epsilon", "2"), "required")
     assert_one_line_error(run("plan", "--epsilon", "-1", "--delta", "1e-5", "--sample-rate", "0.1", "--steps", "5"), "--epsilon")
+
+
+def test_plan_states_and_checks_the_neighbouring_relation():
+    args = ("plan", "--epsilon", "2", "--delta", "1e-5", "--sample-rate", "0.05", "--steps", "200", "--json")
+    zero = json.loads(run(*args).stdout)
+    proc = run(*args, "--neighbouring", "replace_one", "--accountant", "pld")
+    assert proc.returncode == 0, proc.stderr
+    swap = json.loads(proc.stdout)
+    assert zero["neighbouring"] == "zero_out" and swap["neighbouring"] == "replace_one"
+    assert swap["noise_multiplier"] > zero["noise_multiplier"] and swap["epsilon_spent"] <= 2
+    assert_one_line_error(run(*args, "--neighbouring", "replace_one"), "replace_one needs accountant: pld")

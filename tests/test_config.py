@@ -46,6 +46,9 @@ def test_overrides_are_yaml_typed_and_dotted():
         (["mix.aug_multiplicity=1", "mix.self_mix=1"], r"distinct self-augmentations"),
         (["privacy.noise_multiplier=1.0", "optim.epochs=3"], r"both set"),
         (["privacy.accountant=gdp"], r"privacy\.accountant"),
+        (["privacy.neighbouring=add_remove"], r"privacy\.neighbouring"),
+        (["privacy.neighbouring=replace_one"], r"privacy: neighbouring: replace_one needs accountant: pld"),
+        (["privacy.neighbouring=replace_one", "privacy.accountant=prv"], r"replace_one needs accountant: pld"),
         (["method=magic"], r"method"),
         (["mix.synthetic=synth", "method=dpmix_diff", "mix.diff_mix=1"], r"needs a synth section"),
         (["optim=3"], r"optim"),
@@ -90,6 +93,7 @@ def test_sweep_config_validation(tmp_path):
         ("space={privacy.noise_multiplier: {uniform: [1, 2]}, optim.epochs: {uniform: [1, 2]}}", r"at most one"),
         ("epsilons=[1, -2]", r"epsilon must be > 0"),
         ("search.trials_per_epsilon=0", r"search\.trials_per_epsilon"),
+        ("base={privacy: {neighbouring: replace_one}}", r"privacy: neighbouring: replace_one needs accountant: pld"),
     ]:
         with pytest.raises(ConfigError, match=pattern):
             load_sweep_config(sweep, [override])
@@ -110,3 +114,12 @@ def test_with_updates_revalidates():
     assert with_updates(cfg, {"mix.self_mix": 0}).mix.self_mix == 0
     with pytest.raises(ConfigError):
         with_updates(cfg, {"mix.aug_multiplicity": 1})
+
+
+def test_replace_one_is_refused_with_repeat_and_select(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: {privacy: {neighbouring: replace_one, accountant: pld}}\nepsilons: [1]\n")
+    assert load_sweep_config(sweep).base.privacy.neighbouring == "replace_one"
+    with pytest.raises(ConfigError, match=r"repeat_and_select needs base\.privacy\.neighbouring: zero_out") as e:
+        load_sweep_config(sweep, ["tuning_privacy=repeat_and_select"])
+    assert "\n" not in str(e.value)

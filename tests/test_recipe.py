@@ -14,6 +14,8 @@ from dpmix_ray import trainer as T
 from dpmix_ray.config import load_train_config
 from dpmix_ray.data import load_splits
 
+ZERO_OUT = {"delta": 1e-5, "accountant": "rdp", "neighbouring": "zero_out"}
+
 TINY = ["data.name=digits", "optim.batch_size=64", "optim.epochs=1", "mix.aug_multiplicity=2", "mix.self_mix=1", "optim.lr=1.0",
         "privacy.reproducible=true",  # seeded mechanism: runs with and without EMA see the same noise
         "privacy.epsilon=8"]
@@ -148,21 +150,21 @@ def test_trainer_runs_and_records_the_derived_recipe(digits):
 
 def test_transfer_keeps_tau_batch_and_steps():
     found = {"optim.lr": 0.5, "optim.batch_size": 512, "optim.epochs": 24, "mix.aug_multiplicity": 2}
-    moved = R.transfer(found, 1, 4, 3_500)
+    moved = R.transfer(found, 1, 4, 3_500, **ZERO_OUT)
     assert {k: v for k, v in moved.items() if k != "optim.lr"} == {k: v for k, v in found.items() if k != "optim.lr"}
     base = ["optim.batch_size=512", "optim.epochs=24"]
     tau_from = _tau(load_train_config(None, [*base, "optim.lr=0.5", "privacy.epsilon=1"]), 3_500)
     tau_to = _tau(load_train_config(None, [*base, f"optim.lr={moved['optim.lr']}", "privacy.epsilon=4"]), 3_500)
     assert tau_to == pytest.approx(tau_from, rel=1e-3)
     assert 2.5 < moved["optim.lr"] / 0.5 < 4, "σ ∝ ~1/ε at small ε: lr grows almost linearly (Panda et al.)"
-    assert R.transfer(moved, 4, 1, 3_500)["optim.lr"] == pytest.approx(0.5)
+    assert R.transfer(moved, 4, 1, 3_500, **ZERO_OUT)["optim.lr"] == pytest.approx(0.5)
 
 
 def test_transfer_caps_the_step_leaves_derived_keys_and_refuses_sigma():
-    assert R.transfer({"optim.lr": 3.0, "optim.batch_size": 512, "optim.epochs": 24}, 1, 8, 3_500)["optim.lr"] == R.MAX_STEP
-    assert R.transfer({"mix.aug_multiplicity": 4}, 1, 8, 3_500) == {"mix.aug_multiplicity": 4}
+    assert R.transfer({"optim.lr": 3.0, "optim.batch_size": 512, "optim.epochs": 24}, 1, 8, 3_500, **ZERO_OUT)["optim.lr"] == R.MAX_STEP
+    assert R.transfer({"mix.aug_multiplicity": 4}, 1, 8, 3_500, **ZERO_OUT) == {"mix.aug_multiplicity": 4}
     with pytest.raises(ValueError, match="noise_multiplier"):
-        R.transfer({"optim.lr": 1.0, "privacy.noise_multiplier": 2.0}, 1, 2, 3_500)
+        R.transfer({"optim.lr": 1.0, "privacy.noise_multiplier": 2.0}, 1, 2, 3_500, **ZERO_OUT)
 
 
 def test_a_plan_made_on_the_resolved_config_fits_the_unresolved_one(digits):

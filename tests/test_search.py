@@ -36,7 +36,7 @@ def sweep(**over: Any) -> SweepConfig:
 
 
 def sigma(eps: float, batch: int, steps: int) -> float:
-    return calibrate_noise(epsilon=eps, delta=1e-4, sample_rate=batch / N, steps=steps)
+    return calibrate_noise(epsilon=eps, delta=1e-4, sample_rate=batch / N, steps=steps, accountant="rdp", neighbouring="zero_out")
 
 
 # --------------------------------------------------------------------------- coordinates
@@ -64,11 +64,11 @@ def test_tau_sets_lr_from_the_planned_sigma(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_proxy_keeps_sigma_over_batch_and_the_step_count_and_states_its_own_epsilon() -> None:
     s = sigma(2, 512, 40)
-    full = Plan(s, 512 / N, 40, 40 * 512 / N, epsilon_spent(noise_multiplier=s, sample_rate=512 / N, steps=40, delta=1e-4), "rdp")
+    full = Plan(s, 512 / N, 40, 40 * 512 / N, epsilon_spent(noise_multiplier=s, sample_rate=512 / N, steps=40, delta=1e-4, accountant="rdp", neighbouring="zero_out"), "rdp", "zero_out")
     small = proxy.scale(full, batch_size=512, proxy_batch=64, n_train=N, delta=1e-4)
     assert small.steps == full.steps and small.sample_rate == 64 / N
     assert small.noise_multiplier / 64 == pytest.approx(full.noise_multiplier / 512)  # σ/B kept
-    assert small.epsilon_spent == epsilon_spent(noise_multiplier=small.noise_multiplier, sample_rate=64 / N, steps=small.steps, delta=1e-4)
+    assert small.epsilon_spent == epsilon_spent(noise_multiplier=small.noise_multiplier, sample_rate=64 / N, steps=small.steps, delta=1e-4, accountant="rdp", neighbouring="zero_out")
     assert small.epsilon_spent > 2 * full.epsilon_spent  # far outside the sweep's ε: it is reported, never released
     assert not proxy.applies(64, 64) and proxy.applies(128, 64)
 
@@ -107,19 +107,19 @@ def test_default_point_is_the_base_recipe_in_search_coordinates() -> None:
 
 def test_transfer_rule_keeps_tau_batch_steps_and_rescales_lr_by_sigma() -> None:
     found = {"dp.tau": 0.12, "optim.batch_size": 512, "dp.steps": 40, "mix.aug_multiplicity": 3}
-    assert space.transfer(found, 1, 2, sweep().base, N, TAU_SPACE, delta=1e-4, accountant="rdp") == found  # τ coordinates do not move
+    assert space.transfer(found, 1, 2, sweep().base, N, TAU_SPACE, delta=1e-4, accountant="rdp", neighbouring="zero_out") == found  # τ coordinates do not move
     lr_space = {"optim.lr": {"loguniform": [0.01, 4.0]}, "optim.batch_size": {"choice": [512]}, "dp.steps": {"int": [10, 60]}}
     at1 = {"optim.lr": 0.3, "optim.batch_size": 512, "dp.steps": 40}
-    at2 = space.transfer(at1, 1, 2, sweep().base, N, lr_space, delta=1e-4, accountant="rdp")
+    at2 = space.transfer(at1, 1, 2, sweep().base, N, lr_space, delta=1e-4, accountant="rdp", neighbouring="zero_out")
     assert at2["optim.lr"] == pytest.approx(0.3 * sigma(1, 512, 40) / sigma(2, 512, 40))  # τ = lr·σC/B·√T unchanged
     assert {k: v for k, v in at2.items() if k != "optim.lr"} == {"optim.batch_size": 512, "dp.steps": 40}
 
 
 def test_transfer_reads_what_the_point_leaves_out_from_the_base_config() -> None:
     base = sweep(base=BASE | {"privacy": {"clip_norm": 0.5}}).base  # B 256, 8 epochs (32 steps), C 0.5
-    at2 = space.transfer({"optim.lr": 0.3}, 1, 2, base, N, {"optim.lr": {"loguniform": [0.01, 8.0]}}, delta=1e-4, accountant="rdp")
+    at2 = space.transfer({"optim.lr": 0.3}, 1, 2, base, N, {"optim.lr": {"loguniform": [0.01, 8.0]}}, delta=1e-4, accountant="rdp", neighbouring="zero_out")
     assert at2["optim.lr"] == pytest.approx(0.3 * sigma(1, 256, 32) / sigma(2, 256, 32))
-    capped = space.transfer({"optim.lr": 7.0}, 1, 8, base, N, {"optim.lr": {"loguniform": [0.01, 80.0]}}, delta=1e-4, accountant="rdp")
+    capped = space.transfer({"optim.lr": 7.0}, 1, 8, base, N, {"optim.lr": {"loguniform": [0.01, 80.0]}}, delta=1e-4, accountant="rdp", neighbouring="zero_out")
     assert capped["optim.lr"] == pytest.approx(recipe.MAX_STEP / 0.5)  # lr·C ≤ 4 with the base's C
 
 
@@ -144,7 +144,7 @@ def test_a_study_receives_its_neighbours_best_moved_by_the_transfer_rule(tmp_pat
     assert second["group"] == "dpmix_self@eps=1" and second["params"] != default and s.handed_over == []
 
     s.on_trial_complete("u0", _finished(second, 0.9))  # ε=1's best so far: handed to ε=2 (its only neighbour)
-    moved = space.transfer(second["params"], 1, 2, cfg.base, N, lr_space, delta=1e-4, accountant="rdp")
+    moved = space.transfer(second["params"], 1, 2, cfg.base, N, lr_space, delta=1e-4, accountant="rdp", neighbouring="zero_out")
     assert [(h["to"], h["from"]) for h in s.handed_over] == [("dpmix_self@eps=2", "dpmix_self@eps=1")]
     nxt = s.suggest("u1")
     assert nxt["group"] == "dpmix_self@eps=2" and nxt["params"] == pytest.approx(moved)

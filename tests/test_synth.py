@@ -150,7 +150,7 @@ def test_two_workers_write_a_set_plain_pyarrow_reads(two_workers: Path) -> None:
     manifest = gen.read_manifest(two_workers)
     assert manifest["counts"] == {"cat": 6, "dog": 6} and manifest["prompts"]["dog"] == "a photo of a dog"
     assert manifest["model"]["id"] == "tiny-random" and manifest["model"]["source"] == "builtin"
-    assert manifest["provenance"] == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
+    assert manifest["provenance"] == {"trained_on": [], "declared_by": ["built-in tiny-random"], "image_sample": None}
     assert [s["rows"] for s in manifest["shards"]] == [4, 4, 4]
     assert not two_workers.with_name(two_workers.name + ".partial").exists()
     s = load_synthetic(two_workers, class_names=["dog", "cat"], channels=1, image_size=8)  # mapped by name
@@ -309,7 +309,7 @@ def test_synth_cli_with_a_data_section_runs_on_ray(ray_session: Path, tmp_path: 
     assert cli.main(["synth", str(cfg), "--json"]) == 0
     manifest = gen.read_manifest(tmp_path / "set")
     assert manifest["classes"] == DIGITS and [s["rows"] for s in manifest["shards"]] == [5, 5]
-    assert manifest["provenance"] == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
+    assert manifest["provenance"] == {"trained_on": [], "declared_by": ["built-in tiny-random"], "image_sample": None}
 
 
 def test_class_conditional_model_samples_and_refuses_unknown_classes(env: Path) -> None:
@@ -390,7 +390,7 @@ def test_same_data_is_decided_on_collections_and_paths(a: str, b: str, same: boo
 def test_provenance_of_built_ins_cards_and_declarations(env: Path, monkeypatch) -> None:
     from dpmix_ray.synth.digits_ddpm import train
 
-    assert provenance.of_model(SynthConfig(model="tiny-random"), None).to_json() == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
+    assert provenance.of_model(SynthConfig(model="tiny-random"), None).to_json() == {"trained_on": [], "declared_by": ["built-in tiny-random"], "image_sample": None}
     assert provenance.of_model(SynthConfig(model="digits-ddpm"), None).trained_on == ("sklearn-digits",)
     plain = env / "plain-model"
     plain.mkdir(exist_ok=True)
@@ -421,10 +421,37 @@ def test_check_public_refuses_seen_and_unvouched_sets() -> None:
         provenance.check_public(unknown, private="digits", is_public=True, where="s")
 
 
+def _copy_images(x: torch.Tensor, path: Path) -> str:
+    """``x`` written as a new npz file: the same images under another name and path."""
+    from dpmix_ray.data import write_labelled_images
+
+    write_labelled_images(path, (x * 255).round().to(torch.uint8), np.zeros(len(x), dtype=np.int64), ["a"])
+    return f"npz:{path}"
+
+
+def test_a_generator_trained_on_a_renamed_copy_of_the_private_images_is_refused(tmp_path: Path) -> None:
+    from dpmix_ray.data import all_images
+
+    private = all_images(DataConfig(name="digits"))
+    copy = _copy_images(private[::3], tmp_path / "renamed" / "public_scans.npz")  # a third of them, another name
+    prov = provenance.of_model(SynthConfig(model="tiny-random", trained_on=[copy]), None)
+    assert prov.image_sample is not None and not provenance.same_data(copy, "digits"), "names alone cannot tell"
+    for vouched in (False, True):
+        with pytest.raises(ConfigError) as e:
+            provenance.check_public(prov, private="digits", is_public=vouched, where="s", private_images=private)
+        _one_line(e, "mix.synthetic:", "identical to private ones", "whatever their name or path")
+    back = provenance.Provenance.from_json(json.loads(json.dumps(prov.to_json())))
+    with pytest.raises(ConfigError, match="identical to private ones"):  # as a manifest records it
+        provenance.check_public(back, private="npz:/elsewhere/private.npz", is_public=False, where="s", private_images=private)
+    unrelated = _copy_images(torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "noise.npz")
+    other = provenance.of_model(SynthConfig(model="tiny-random", trained_on=[unrelated]), None)
+    provenance.check_public(other, private="digits", is_public=False, where="s", private_images=private)
+
+
 def test_manifest_records_provenance_deterministically(bare: Path) -> None:
     paths = [gen.generate(SynthConfig(**BARE, out=str(bare / f"prov{i}")), class_names=DIGITS, progress=False) for i in (1, 2)]
     blocks = [gen.read_manifest(p)["provenance"] for p in paths]
-    assert blocks[0] == blocks[1] == {"trained_on": [], "declared_by": ["built-in tiny-random"]}
+    assert blocks[0] == blocks[1] == {"trained_on": [], "declared_by": ["built-in tiny-random"], "image_sample": None}
     assert gen.read_provenance(paths[0]) == provenance.Provenance((), ("built-in tiny-random",))
     s = resolve_synthetic(str(paths[0]), None, class_names=DIGITS, channels=1, image_size=8, private="digits", is_public=False)
     assert len(s) == 10
@@ -496,7 +523,7 @@ def test_a_set_without_provenance_needs_synthetic_is_public(bare: Path, tmp_path
     cfg = SynthConfig(**BARE | {"model": str(_tiny_copy(bare / "no-card")), "out": str(bare / "unknown")})
     with pytest.raises(ConfigError, match="mix.synthetic_is_public"):
         gen.generate_for(cfg, DataConfig(name="digits"), synthetic_is_public=False, progress=False)
-    assert gen.read_manifest(bare / "unknown")["provenance"] == {"trained_on": None, "declared_by": []}
+    assert gen.read_manifest(bare / "unknown")["provenance"] == {"trained_on": None, "declared_by": [], "image_sample": None}
     assert gen.generate_for(cfg, DataConfig(name="digits"), synthetic_is_public=True, progress=False) == bare / "unknown"
     declared = cfg.model_copy(update={"trained_on": ["laion/laion2B-en"], "out": str(bare / "declared")})
     out = gen.generate_for(declared, DataConfig(name="digits"), synthetic_is_public=False, progress=False)

@@ -15,7 +15,7 @@ planned at full size first and then scaled, with its own (large) ε as its plan'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -88,8 +88,9 @@ def plan_group(cfg: SweepConfig, group: Group, n_train: int) -> TrialPlan:
     search = repeat_and_select_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, mean_trials=mean, shape=shape)
     if not search <= eps:
         raise BudgetError(f"a random search of mean {mean:g} trials spends ε={search:.4g} > {eps:g}; refusing it")
-    per_trial = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
-    run = Plan(noise_multiplier=sigma, sample_rate=q, steps=steps, epochs=one_run.run.epochs, epsilon_spent=per_trial, accountant=accountant)
+    per_trial = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, accountant=accountant,
+                              neighbouring=train_cfg.privacy.neighbouring)
+    run = replace(one_run.run, noise_multiplier=sigma, epsilon_spent=per_trial)
     return TrialPlan(run, n_train, trial_epsilon=per_trial, search_epsilon=search)
 
 

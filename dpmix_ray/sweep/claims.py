@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from dpmix_ray.config import SweepConfig
+from dpmix_ray.privacy import relation_phrase
 from dpmix_ray.sweep.plan import Group, uses_tuning_calibration
 from dpmix_ray.sweep.state import AUDIT_FILE
 
@@ -54,7 +55,8 @@ def guarantee(cfg: SweepConfig, group: Group, n_train: int | None) -> str:
         )
     else:
         what = "one training run only, NOT the selection over the search"
-    return f"(ε, δ) covers {what}, for {data}; {HELD_OUT}"
+    relation = relation_phrase(cfg.base, at=(group.epsilon, cfg.delta))
+    return f"(ε, δ) covers {what}, for {data} ({relation}); {HELD_OUT}"
 
 
 def label(cfg: SweepConfig, group: Group) -> str:
@@ -88,6 +90,7 @@ def audit_note(cfg: SweepConfig) -> str | None:
 def statement(cfg: SweepConfig, n_train: int | None) -> str:
     """The paragraph every output opens with: what ε covers here (Papernot & Steinke 2022), what it does not."""
     data = f"the training split ({n_train} examples)" if n_train is not None else "the training split"
+    data = f"{data}, {relation_phrase(cfg.base)}"
     head = (
         f"{NOT_PRIVATE}: privacy.reproducible is true, so every run's noise and sampling follow from the public seed; "
         "no ε below holds. " if reproducible(cfg) else ""

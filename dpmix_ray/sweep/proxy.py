@@ -11,6 +11,7 @@ recipe is re-run at full size (the final runs), and only those carry the sweep's
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from dpmix_ray.config import TrainConfig, with_updates
 from dpmix_ray.errors import BudgetError
@@ -30,10 +31,11 @@ def scale(plan: Plan, *, batch_size: int, proxy_batch: int, n_train: int, delta:
     """
     q = min(1.0, proxy_batch / n_train)
     sigma = plan.noise_multiplier * proxy_batch / batch_size
-    spent = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=plan.steps, delta=delta, accountant=plan.accountant)
+    spent = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=plan.steps, delta=delta, accountant=plan.accountant,
+                          neighbouring=plan.neighbouring)
     if not math.isfinite(spent):
         raise BudgetError(f"proxy batch {proxy_batch}: σ'={sigma:.3g} has no finite ε; use a larger search.proxy.batch_size")
-    return Plan(noise_multiplier=sigma, sample_rate=q, steps=plan.steps, epochs=plan.steps * q, epsilon_spent=spent, accountant=plan.accountant)
+    return replace(plan, noise_multiplier=sigma, sample_rate=q, epochs=plan.steps * q, epsilon_spent=spent)
 
 
 def config(cfg: TrainConfig, proxy_plan: Plan, proxy_batch: int) -> TrainConfig:

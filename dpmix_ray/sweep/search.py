@@ -193,7 +193,8 @@ class GroupedSearcher(Searcher):
             if study is None or self._issued[target.key] >= self._counts[target.key]:
                 continue
             point = space.transfer(best["params"], source.epsilon, target.epsilon, self._cfg.base, self._n_train, target.space,
-                                   delta=self._cfg.delta, accountant=self._cfg.base.privacy.accountant)
+                                   delta=self._cfg.delta, accountant=self._cfg.base.privacy.accountant,
+                                   neighbouring=self._cfg.base.privacy.neighbouring)
             study.enqueue(point)
             self.handed_over.append({"to": target.key, "from": key, "index": best["index"], "point": point})
 

@@ -90,7 +90,7 @@ def default_point(cfg: SweepConfig, base: TrainConfig, n_train: int) -> dict[str
 
 
 def transfer(params: Mapping[str, Any], from_eps: float, to_eps: float, base: TrainConfig, n_train: int, space: Space, *,
-             delta: float, accountant: str) -> dict[str, Any]:
+             delta: float, accountant: str, neighbouring: str) -> dict[str, Any]:
     """A recipe found at ``from_eps`` moved to ``to_eps`` by the transfer rule (module docstring), clipped into ``space``.
 
     τ, B, T (or epochs), K, m, C are kept; lr, when it is a coordinate, is rescaled by σ(from)/σ(to) at the
@@ -100,7 +100,7 @@ def transfer(params: Mapping[str, Any], from_eps: float, to_eps: float, base: Tr
         return clip(params, space)
     given = {"optim.batch_size": base.optim.batch_size, "optim.epochs": base.optim.epochs, "privacy.clip_norm": base.privacy.clip_norm}
     recipe_at = {k: v for k, v in given.items() if v is not None} | config_updates(params, base, n_train)
-    moved = recipe.transfer(recipe_at, from_eps, to_eps, n_train, delta=delta, accountant=accountant)
+    moved = recipe.transfer(recipe_at, from_eps, to_eps, n_train, delta=delta, accountant=accountant, neighbouring=neighbouring)
     return clip({**params, "optim.lr": moved["optim.lr"]}, space)
 
 

@@ -19,11 +19,19 @@ it holds images of (:data:`_HOLDS`), so ``mnist5k`` meets ``mnist`` and ``emnist
 and hub-organisation-blind (``ylecun/MNIST`` is ``mnist``). File and folder sources
 (``npz:``/``parquet:``/``imagefolder:`` names) are known only by their resolved path: the same path,
 or one inside the other, is the same data.
+
+Names and paths miss a copy of the private images under another name or path. So where a declared
+training source is readable here (any ``data.name`` this package loads: ``npz:``/``parquet:``/
+``imagefolder:`` files, ``digits``, ``mnist5k``, …), the manifest also records a content sample: the
+BLAKE2b hashes of its images' pixels (:func:`dpmix_ray.data.content_hashes`) in residue class 0
+modulo ``every`` (all of them up to :data:`SAMPLE_SIZE` images). The same rule applied to the
+private images finds any shared image whose hash was sampled, whatever either side is called.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,10 +40,14 @@ from typing import Any
 
 import yaml
 
-from dpmix_ray.config import SynthConfig
-from dpmix_ray.errors import ConfigError
+import torch
+
+from dpmix_ray.config import DataConfig, SynthConfig
+from dpmix_ray.data import all_images, content_hashes
+from dpmix_ray.errors import ConfigError, DPMixError
 from dpmix_ray.synth.pipelines import CLASS_CONDITIONAL_FILE, DIGITS_DDPM, TINY_RANDOM
 
+SAMPLE_SIZE = 4096  # content hashes recorded per set, about: a manifest stays small for CIFAR-sized data
 BUILTIN_TRAINED_ON: dict[str, tuple[str, ...]] = {TINY_RANDOM: (), DIGITS_DDPM: ("sklearn-digits",)}
 _PATH_PREFIXES = ("imagefolder", "parquet", "npz")  # data.name prefixes that name a file or folder
 
@@ -65,19 +77,51 @@ class Provenance:
 
     trained_on: tuple[str, ...] | None
     declared_by: tuple[str, ...] = ()
+    every: int = 1
+    image_sample: tuple[str, ...] | None = None  # None: no declared training source was readable here
 
     def to_json(self) -> dict[str, Any]:
-        return {"trained_on": None if self.trained_on is None else list(self.trained_on), "declared_by": list(self.declared_by)}
+        sample = None if self.image_sample is None else {"every": self.every, "hashes": list(self.image_sample)}
+        return {"trained_on": None if self.trained_on is None else list(self.trained_on), "declared_by": list(self.declared_by),
+                "image_sample": sample}
 
     @classmethod
     def from_json(cls, obj: object) -> Provenance | None:
         """A manifest's ``provenance`` block; None when it is absent or malformed (treated as unknown)."""
         if not isinstance(obj, dict):
             return None
-        names, by = obj.get("trained_on"), obj.get("declared_by") or []
+        names, by, sample = obj.get("trained_on"), obj.get("declared_by") or [], obj.get("image_sample")
         if not (_is_names(names) and _is_names(by)):
             return None
-        return cls(None if names is None else tuple(names), tuple(by))
+        if not (isinstance(sample, dict) and isinstance(sample.get("every"), int) and _is_names(sample.get("hashes"))):
+            return cls(None if names is None else tuple(names), tuple(by))
+        return cls(None if names is None else tuple(names), tuple(by), sample["every"], tuple(sample["hashes"]))
+
+
+def _sampled(hashes: Iterable[str], every: int) -> set[str]:
+    """The content-defined sample: hashes in residue class 0 modulo ``every`` (the same rule on both sides)."""
+    return {h for h in hashes if int(h[:8], 16) % every == 0}
+
+
+def _readable_hashes(names: Iterable[str]) -> list[str] | None:
+    """Content hashes of every declared source this package can load here; None when none can be."""
+    hashes: list[str] | None = None
+    for name in names:
+        try:
+            x = all_images(DataConfig(name=name))
+        except (DPMixError, OSError, ValueError):
+            continue  # a hub dataset or a name nobody here can read: only its name is recorded
+        hashes = (hashes or []) + content_hashes(x)
+    return hashes
+
+
+def content_sample(names: Iterable[str]) -> tuple[int, tuple[str, ...] | None]:
+    """(every, sampled hashes) of the declared sources readable here; (1, None) when none is."""
+    hashes = _readable_hashes(names)
+    if hashes is None:
+        return 1, None
+    every = max(1, math.ceil(len(hashes) / SAMPLE_SIZE))
+    return every, tuple(sorted(_sampled(hashes, every)))
 
 
 def _is_names(value: object) -> bool:
@@ -145,11 +189,14 @@ def of_model(cfg: SynthConfig, model_dir: Path | None) -> Provenance:
         parts.append(("synth.trained_on", [_absolute(n) for n in cfg.trained_on]))
     if not parts:
         return Provenance(None)
-    return Provenance(tuple(sorted({n for _, names in parts for n in names})), tuple(src for src, _ in parts))
+    names = tuple(sorted({n for _, names in parts for n in names}))
+    return Provenance(names, tuple(src for src, _ in parts), *content_sample(names))
 
 
-def refuse_seen(prov: Provenance | None, *, private: str, where: str, key: str = "synth.model") -> None:
-    """ConfigError, naming ``key``, when ``prov`` records training data that holds the private dataset."""
+def refuse_seen(prov: Provenance | None, *, private: str, where: str, key: str = "synth.model",
+                private_images: torch.Tensor | None = None) -> None:
+    """ConfigError, naming ``key``, when ``prov`` records training data that holds the private dataset:
+    by name or path, or (given ``private_images``) by a recorded content hash of one of them."""
     seen = [n for n in (prov.trained_on or ()) if same_data(n, private)] if prov is not None else []
     if seen:
         raise ConfigError(
@@ -157,12 +204,22 @@ def refuse_seen(prov: Provenance | None, *, private: str, where: str, key: str =
             f"{', '.join(prov.declared_by)}), which holds the private data (data.name: {private}); mixing with it "
             "would leak that data: use a generator trained on other data"
         )
+    if prov is None or prov.image_sample is None or private_images is None:
+        return
+    shared = _sampled(content_hashes(private_images), prov.every) & set(prov.image_sample)
+    if shared:
+        raise ConfigError(
+            f"{key}: {where} comes from a generator whose recorded training data ({', '.join(prov.trained_on or ())}) "
+            f"holds images identical to private ones (data.name: {private}; {len(shared)} in its content sample), "
+            "whatever their name or path; mixing with it would leak that data: use a generator trained on other data"
+        )
 
 
-def check_public(prov: Provenance | None, *, private: str, is_public: bool, where: str) -> None:
-    """Refuse a synthetic set whose generator saw ``private``, or whose provenance is unknown unless
-    the user vouched for it with ``mix.synthetic_is_public``."""
-    refuse_seen(prov, private=private, where=where, key="mix.synthetic")
+def check_public(prov: Provenance | None, *, private: str, is_public: bool, where: str,
+                 private_images: torch.Tensor | None = None) -> None:
+    """Refuse a synthetic set whose generator saw ``private`` (by name, path or, given ``private_images``,
+    content), or whose provenance is unknown unless the user vouched for it with ``mix.synthetic_is_public``."""
+    refuse_seen(prov, private=private, where=where, key="mix.synthetic", private_images=private_images)
     if (prov is None or prov.trained_on is None) and not is_public:
         raise ConfigError(
             f"mix.synthetic_is_public: {where} records no provenance (what its generator was trained on); set "

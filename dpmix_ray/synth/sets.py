@@ -43,7 +43,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from dpmix_ray.config import DataConfig, SynthConfig
-from dpmix_ray.data import CLASS_NAMES_KEY, ImageSet, class_names_of, images_to_table, read_labelled_images, table_to_images
+from dpmix_ray.data import CLASS_NAMES_KEY, ImageSet, all_images, class_names_of, images_to_table, read_labelled_images, table_to_images
 from dpmix_ray.errors import ConfigError, DataError
 from dpmix_ray.synth import provenance
 from dpmix_ray.synth.pipelines import DIGITS_DDPM, ModelSpec, cache_root, load_source, resolve_model, to_uint8
@@ -358,7 +358,8 @@ def generate_for(
     names = class_names_of(data) if data is not None and cfg.classes is None else None
     path = generate(cfg, class_names=names, private=data.name if data is not None else None, progress=progress)
     if data is not None and synthetic_is_public is not None:
-        provenance.check_public(read_provenance(path), private=data.name, is_public=synthetic_is_public, where=str(path))
+        provenance.check_public(read_provenance(path), private=data.name, is_public=synthetic_is_public, where=str(path),
+                                private_images=all_images(data))
     return path
 
 
@@ -529,12 +530,13 @@ def load_synthetic(path: str | Path, *, class_names: list[str], channels: int, i
 
 def resolve_synthetic(
     mix_synthetic: str, synth: SynthConfig | None, *, class_names: list[str], channels: int, image_size: int,
-    private: str, is_public: bool, progress: bool = True,
+    private: str, is_public: bool, private_images: torch.Tensor | None = None, progress: bool = True,
 ) -> ImageSet:
     """``mix.synthetic``: ``'synth'`` generates (or reuses) the config's synth set; anything else is a path.
 
     ``private`` (``data.name``) and ``is_public`` (``mix.synthetic_is_public``) gate it before any image
-    is loaded: a set whose generator saw the private data is refused, and so is one recording no
+    is loaded: a set whose generator saw the private data (by name, path, or the content hashes of
+    ``private_images`` against its recorded sample) is refused, and so is one recording no
     provenance unless the user vouched for it (see :mod:`dpmix_ray.synth.provenance`).
     """
     if mix_synthetic != "synth":
@@ -548,5 +550,5 @@ def resolve_synthetic(
         )
     else:
         path = generate(synth, class_names=class_names, private=private, progress=progress)
-    provenance.check_public(read_provenance(path), private=private, is_public=is_public, where=str(path))
+    provenance.check_public(read_provenance(path), private=private, is_public=is_public, where=str(path), private_images=private_images)
     return load_synthetic(path, class_names=class_names, channels=channels, image_size=image_size)
