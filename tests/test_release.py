@@ -15,7 +15,7 @@ from test_report import N_TRAIN, _rec, _records, _release, _write_sweep
 
 from dpmix_ray.config import load_train_config
 from dpmix_ray.privacy import Plan, plan_run
-from dpmix_ray.report import build_report, export_bundle, summary_table
+from dpmix_ray.report import build_report, summary_table
 from dpmix_ray.sweep import plan as P
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep.budget import TrialPlan

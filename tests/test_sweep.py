@@ -461,7 +461,8 @@ def test_repeat_and_select_releases_the_selected_trials_own_model_and_numbers(tm
     with torch.no_grad():
         assert [int((model(d.x).argmax(1) == d.y).sum()) / len(d) for d in (splits.val, splits.test)] == [row["val_accuracy"], row["test_accuracy"]]
     assert {p.name for p in out.iterdir()} == {S.RELEASE, S.CURATOR}
-    assert set(released) == {"state_dict", "guarantee", "private", "epsilon", "delta", "config"}
+    assert set(released) == {"state_dict", "guarantee", "private", "epsilon", "delta", "release_epsilon", "release_guarantee", "config"}
+    assert "seed" not in json.loads(released["config"])  # repeat_and_select: the winner's seed would reveal its index
     # Each finished trial's checkpoint: its ledger record and (search trials) its weights, nothing the trainer did not document.
     checkpoints = [torch.load(p, weights_only=False) for p in S.path(out, S.TUNE_DIR).rglob("state.pt")]
     assert len(checkpoints) == 4 and all(set(c) == {"record", "seconds"} for c in checkpoints)
