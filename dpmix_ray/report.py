@@ -30,7 +30,7 @@ from dpmix_ray.privacy import Plan, composed_epsilon, dpsgd_event, pin_plan, rep
 from dpmix_ray.sweep import claims, selection
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep.budget import TrialPlan
-from dpmix_ray.sweep.plan import Group, build_groups, count_shape
+from dpmix_ray.sweep.plan import Group, build_groups, count_shape, uses_tuning_calibration
 
 _TRIAL_COLUMNS = (
     "trial_id", "group", "method", "epsilon", "delta", "phase", "index", "seed", "proxy", "covers", "status", "reason", "score", "val_accuracy",
@@ -96,7 +96,7 @@ def release_events(cfg: SweepConfig, g: Group, records: list[dict[str, Any]], st
         if plan is None and out is None:
             return []
         run = dpsgd_event(plan.run.noise_multiplier, plan.run.sample_rate, plan.run.steps) if plan else _run_event(out)
-        searched = plan.search_epsilon is not None if plan else claims.label(cfg, g) == "whole search"
+        searched = plan.search_epsilon is not None if plan else uses_tuning_calibration(cfg, g)
         return [repeat_and_select_event(run, float(cfg.search.trials_per_epsilon), count_shape(cfg)) if searched else run]
     reruns = [r for r in records if r["phase"] == "final" and r["status"] == "completed" and r.get("test_accuracy") is not None]
     runs = {(r["phase"], r["index"]): r for r in [*([out] if out else []), *(reruns if reruns_released(cfg) else [])]}

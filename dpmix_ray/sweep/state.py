@@ -97,10 +97,6 @@ def list_files(out: Path, rel_dir: str) -> list[str]:
     return sorted(f"{rel_dir}/{p.name}" for p in d.iterdir() if p.is_file()) if d.is_dir() else []
 
 
-def released(out: Path) -> bool:
-    return path(out, RELEASE).is_dir()
-
-
 def publish_release(out: Path, files: dict[str, bytes | str], *, replace: bool) -> bool:
     """Write ``release/`` (``files``: out-relative names under it) as one directory rename, so nobody ever sees half
     of a release or a mix of two. ``replace=False`` (repeat_and_select: one release, ever) keeps an existing
