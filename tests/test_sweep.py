@@ -169,7 +169,8 @@ def test_trial_specs_carry_the_driver_plan_or_the_refusal() -> None:
     specs = [B.trial_spec(rs, group, phase="search", index=i, params={"optim.lr": lr}, group_plan=group_plan, synthetic=None)
              for i, lr in enumerate((0.5, 3.0))]
     assert [B.TrialPlan.from_dict(s["plan"]) for s in specs] == [group_plan, group_plan]  # one mechanism for the whole group
-    assert specs[1]["train"]["optim"]["lr"] == 3.0 and specs[1]["seed"] == rs.base.seed + 1 and specs[1]["refused"] is None
+    assert specs[1]["train"]["optim"]["lr"] == 3.0 and specs[1]["refused"] is None
+    assert specs[1]["seed"] == specs[1]["train"]["seed"] and specs[1]["seed"] != rs.base.seed + 1  # secret under repeat_and_select
 
     per_trial = sweep(space={"optim.batch_size": {"choice": [16, 64]}})
     g = P.build_groups(per_trial)[0]
