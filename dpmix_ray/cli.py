@@ -1,4 +1,4 @@
-"""``dpmix-ray``: train | plan | audit | synth | sweep | report | check-cluster.
+"""``dpmix-ray``: train | plan | audit | synth | sweep | report | export | check-cluster.
 
 Every user-facing failure (DPMixError) is printed as one line on stderr with exit code 2, before
 anything is written. Heavy imports (torch models, Ray, diffusers) happen inside each command.
@@ -116,6 +116,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"released: {state.path(out, state.RELEASE)}  curator only: {state.path(out, state.CURATOR_REPORT)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from dpmix_ray.report import export_bundle
+
+    files = export_bundle(Path(args.dir), args.method, args.epsilon, Path(args.to))
+    print(f"exported {args.method} at ε={args.epsilon:g} to {args.to}: {', '.join(files)} (its guarantee is this recipe's alone)")
+
+
 def cmd_check_cluster(args: argparse.Namespace) -> None:
     from dpmix_ray.cluster import check_cluster
 
@@ -184,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild a sweep's release/ (table, plot, models) and curator/ report from its ledger (a dir or an s3://… sweep)")
     r.add_argument("dir")
     r.set_defaults(fn=cmd_report)
+
+    e = sub.add_parser("export", help="one released (method, ε) as a bundle whose guarantee is that recipe's alone")
+    e.add_argument("dir", metavar="OUT_DIR")
+    e.add_argument("--method", required=True)
+    e.add_argument("--epsilon", type=float, required=True)
+    e.add_argument("--to", required=True, metavar="DIR")
+    e.set_defaults(fn=cmd_export)
 
     c = sub.add_parser("check-cluster", help="validate a Ray cluster YAML offline")
     c.add_argument("config")

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from dp_accounting import NeighboringRelation, dp_event, mechanism_calibration, pld, rdp
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from dpmix_ray.config import TrainConfig
+from dpmix_ray.config import TrainConfig, with_updates
 from dpmix_ray.errors import BudgetError
 
 # Calibration stops once ε_spent is within this fraction below the target (so ε_spent ≥ 0.99·target).
@@ -75,7 +75,7 @@ def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
         return 0.0
     if accountant == "pld":
         acc = pld.PLDAccountant(DP_ACCOUNTING_RELATION[neighbouring], value_discretization_interval=PLD_INTERVAL)
-        acc.compose(_dpsgd_event(noise_multiplier, sample_rate, steps))
+        acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps))
         return float(acc.get_epsilon(delta))
     _check_relation(accountant, neighbouring)
     acc = create_accountant(mechanism=accountant)
@@ -221,6 +221,24 @@ def check_plan(plan: Plan, cfg: TrainConfig, n_train: int) -> None:
         raise BudgetError(f"privacy plan refused for N={n_train}: " + "; ".join(problems))
 
 
+def pin_plan(cfg: TrainConfig, plan: Plan, n_train: int) -> TrainConfig:
+    """A private ``cfg`` rewritten so that :func:`plan_run` on ``n_train`` examples gives exactly ``plan``'s (σ, q, T).
+
+    A config cannot fix σ and epochs together; with σ fixed the planner runs the most steps within ε.
+    So σ is pinned and ε is set to what the plan's T spends: the most steps within that ε is T itself
+    (ε grows with T). Checked here, never assumed: BudgetError if the config does not plan to ``plan``.
+    On other data (another N) the same σ runs the most steps its own q allows within that ε.
+    """
+    spent = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+                          delta=cfg.privacy.delta, accountant=plan.accountant)
+    pinned = with_updates(cfg, {"privacy.noise_multiplier": plan.noise_multiplier, "privacy.epsilon": spent,
+                                "privacy.accountant": plan.accountant, "optim.epochs": None})
+    again = plan_run(pinned, n_train)
+    if (again.noise_multiplier, again.steps) != (plan.noise_multiplier, plan.steps) or not math.isclose(again.sample_rate, plan.sample_rate, rel_tol=1e-12):
+        raise BudgetError(f"cannot pin σ={plan.noise_multiplier:g}, T={plan.steps} in a config: it plans σ={again.noise_multiplier:g}, T={again.steps}")
+    return pinned
+
+
 def private_run(cfg: TrainConfig) -> bool:
     """Whether a run's (ε, δ) holds: a private method with secret mechanism randomness."""
     return cfg.is_private and not cfg.privacy.reproducible
@@ -272,7 +290,8 @@ def _tuning_accountant() -> rdp.RdpAccountant:
     return rdp.RdpAccountant(list(_RDP_ORDERS), DP_ACCOUNTING_RELATION["zero_out"])
 
 
-def _dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
+def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
+    """One DP-SGD run as dp_accounting sees it: T Poisson-subsampled Gaussian steps."""
     return dp_event.SelfComposedDpEvent(
         dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier)), steps
     )
@@ -287,8 +306,25 @@ def repeat_and_select_epsilon(
     geometric, otherwise truncated negative binomial) with mean ``mean_trials``, and selection may
     depend on the trials' outputs only through this random search.
     """
+    return composed_epsilon([repeat_and_select_event(dpsgd_event(noise_multiplier, sample_rate, steps), mean_trials, shape)], delta)
+
+
+def repeat_and_select_event(run: dp_event.DpEvent, mean_trials: float, shape: float) -> dp_event.DpEvent:
+    """Releasing the best of a random number of ``run`` trials (count distribution as in :func:`repeat_and_select_epsilon`)."""
+    return dp_event.RepeatAndSelectDpEvent(run, mean_trials, shape)
+
+
+def composed_epsilon(events: Sequence[dp_event.DpEvent], delta: float) -> float:
+    """ε at ``delta`` of publishing the outputs of every event together, on the same data.
+
+    Releases from one training split compose: their RDP curves add up in one accountant, which is
+    tighter than summing ε's and still far above any one release's ε. No event: nothing released, ε = 0.
+    """
+    if not events:
+        return 0.0
     acc = _tuning_accountant()
-    acc.compose(dp_event.RepeatAndSelectDpEvent(_dpsgd_event(noise_multiplier, sample_rate, steps), mean_trials, shape))
+    for event in events:
+        acc.compose(event)
     return float(acc.get_epsilon(delta))
 
 
@@ -298,7 +334,7 @@ def calibrate_noise_for_tuning(
     """The smallest σ such that the whole random search (repeat-and-select) meets ``epsilon``."""
 
     def event(sigma: float) -> dp_event.DpEvent:
-        return dp_event.RepeatAndSelectDpEvent(_dpsgd_event(sigma, sample_rate, steps), mean_trials, shape)
+        return repeat_and_select_event(dpsgd_event(sigma, sample_rate, steps), mean_trials, shape)
 
     try:
         sigma = mechanism_calibration.calibrate_dp_mechanism(

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpmix_ray.config import SweepConfig, config_hash
+from dpmix_ray.config import SweepConfig, TrainConfig, config_hash, with_updates
 from dpmix_ray.report import build_report, summary_table
 from dpmix_ray.sweep import claims
 from dpmix_ray.sweep import state as S
@@ -43,6 +43,14 @@ def _write_model(out: Path, record: dict[str, Any]) -> None:
     torch.save({"state_dict": {"w": torch.tensor([record["val_accuracy"]])}}, path)
 
 
+def _config(method: str, eps: str, index: int) -> dict[str, Any]:
+    """A trial's resolved config, as the trainer records it."""
+    fixed = {"dpsgd": {"mix.aug_multiplicity": 1, "mix.self_mix": 0}, "nonprivate": {"mix.aug_multiplicity": 1, "mix.self_mix": 0}}
+    updates = {"method": method, "seed": index, "optim.batch_size": 64, "optim.epochs": 2.0, "optim.lr": 0.5 + index,
+               **({"privacy.epsilon": float(eps)} if eps else {}), **fixed.get(method, {})}
+    return with_updates(TrainConfig.model_validate(BASE), updates).model_dump(mode="json")
+
+
 def _rec(group: str, phase: str, index: int, status: str, val: float | None, **extra: Any) -> dict[str, Any]:
     method, _, eps = group.partition("@eps=")
     return {
@@ -51,7 +59,8 @@ def _rec(group: str, phase: str, index: int, status: str, val: float | None, **e
         "val_accuracy": val, "score": extra.pop("score", val if status == "completed" else None),
         "params": extra.pop("params", {"optim.lr": 0.5 + index, "optim.lr_schedule": "constant"}),
         "epsilon_spent": float(eps) * 0.99 if eps and status == "completed" else None, "trial_epsilon": float(eps) if eps else None,
-        "noise_multiplier": 1.1, "steps": 40, "n_train": N_TRAIN, "config": {"seed": index}, "trial_seconds": 9.5,
+        "noise_multiplier": 1.1, "steps": 40, "sample_rate": 64 / N_TRAIN, "epochs": 40 * 64 / N_TRAIN, "accountant": "rdp",
+        "n_train": N_TRAIN, "config": _config(method, eps, index), "trial_seconds": 9.5,
         "images_per_second": 321.0, **extra,
     }
 
@@ -82,9 +91,10 @@ def test_release_holds_the_selected_trials_own_results_and_models(tmp_path: Path
     _write_sweep(tmp_path, _records())
     build_report(tmp_path)
 
-    assert _release(tmp_path) == RELEASE_FILES | {f"models/{m}.pt" for m in ("dpmix_self-eps1", "dpmix_self-eps4", "dpsgd-eps1", "dpsgd-eps4", "nonprivate")}
+    private = ("dpmix_self-eps1", "dpmix_self-eps4", "dpsgd-eps1", "dpsgd-eps4")
+    assert _release(tmp_path) == RELEASE_FILES | {f"models/{m}.pt" for m in private} | {f"recipes/{m}.yaml" for m in private}
     best = pd.read_csv(S.path(tmp_path, f"{S.RELEASE_TABLE}.csv"))
-    assert list(best["method"]) == ["dpmix_self", "dpmix_self", "dpsgd", "dpsgd", "nonprivate"]
+    assert list(best["method"]) == ["dpmix_self", "dpmix_self", "dpsgd", "dpsgd"]  # the non-private reference: curator only
     row = best.iloc[1]
     assert row["epsilon"] == 4 and row["val_accuracy"] == 0.9  # selected on validation ...
     assert row["test_accuracy"] == pytest.approx(0.85)  # ... and its own test accuracy, not trial 1's 0.99 nor the re-runs'
@@ -92,19 +102,18 @@ def test_release_holds_the_selected_trials_own_results_and_models(tmp_path: Path
     assert json.loads(row["hyperparameters"]) == {"optim.lr": 2.5, "optim.lr_schedule": 2}
     assert f"{N_TRAIN} training examples" in row["guarantee"] and "held-out" in row["guarantee"] and "NOT the selection" in row["guarantee"]
     assert best.iloc[3]["val_accuracy"] == 0.72  # the ASHA-stopped 0.99 is not a finished trial
-    assert best.iloc[4]["guarantee"].startswith("NOT PRIVATE") and not best.iloc[4]["private"]
     assert not {"trials_planned", "trials_completed", "best_trial", "group", "images_per_second", "trial_seconds"} & set(best.columns)
 
     model = torch.load(S.path(tmp_path, S.released_model_name("dpmix_self@eps=4")), weights_only=True)
     assert model["state_dict"]["w"].item() == pytest.approx(0.9) and model["guarantee"] == row["guarantee"] and model["private"]
 
     doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))
-    assert doc["tuning_privacy"] == "per_trial" and doc["private"] and "NOT covered" in doc["privacy"] and len(doc["rows"]) == 5
+    assert doc["tuning_privacy"] == "per_trial" and doc["private"] and "NOT covered" in doc["privacy"] and len(doc["rows"]) == 4
     assert f"{N_TRAIN} examples" in doc["privacy"] and claims.HELD_OUT in doc["privacy"]
     assert doc["rows"][1]["model"] == "models/dpmix_self-eps4.pt"
 
     md = summary_table(tmp_path)
-    assert "ONE training run" in md and "0.8800 ± 0.0141 (n=2)" in md and md.count("\n|") >= 6 and "curator" in md
+    assert "ONE training run" in md and "0.8800 ± 0.0141 (n=2)" in md and md.count("\n|") >= 10 and "curator" in md
 
     trials = pd.read_parquet(S.path(tmp_path, S.TRIALS_TABLE))
     assert len(trials) == 25 and {"status", "reason", "param.optim.lr", "config", "val_accuracy", "test_accuracy", "epsilon_spent"} <= set(trials.columns)
@@ -133,11 +142,11 @@ def test_a_changed_selection_replaces_its_released_model(tmp_path: Path) -> None
 
 def test_repeat_and_select_release_leaves_reruns_and_counts_to_the_curator(tmp_path: Path) -> None:
     records = [r | {"search_epsilon": r["epsilon"]} for r in _records() if r["method"] == "dpmix_self"]
-    _write_sweep(tmp_path, records, finished=False, baselines=[], tuning_privacy="repeat_and_select",
+    _write_sweep(tmp_path, records, baselines=[], tuning_privacy="repeat_and_select",
                  search={"sampler": "random", "trials_per_epsilon": 3}, space={"optim.lr": {"loguniform": [0.1, 4]}})
     build_report(tmp_path)
     md = summary_table(tmp_path)
-    assert "whole search" in md and "not finished" in md and "re-runs: test mean" not in S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md")
+    assert "whole search" in md and "re-runs: test mean" not in S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md")
     doc = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))
     row = doc["rows"][1]
     assert row["search_epsilon"] == 4 and row["test_accuracy"] == pytest.approx(0.85) and "whole random search" in row["guarantee"]
@@ -181,7 +190,7 @@ def test_report_command_rebuilds_both_halves(tmp_path: Path, capsys: pytest.Capt
 
     _write_sweep(tmp_path, _records())
     assert main(["report", str(tmp_path)]) == 0
-    assert str(S.path(tmp_path, S.CURATOR_REPORT)) in capsys.readouterr().out and len(_release(tmp_path)) == 9
+    assert str(S.path(tmp_path, S.CURATOR_REPORT)) in capsys.readouterr().out and len(_release(tmp_path)) == 12
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 

@@ -169,7 +169,8 @@ def test_trial_specs_carry_the_driver_plan_or_the_refusal() -> None:
     specs = [B.trial_spec(rs, group, phase="search", index=i, params={"optim.lr": lr}, group_plan=group_plan, synthetic=None)
              for i, lr in enumerate((0.5, 3.0))]
     assert [B.TrialPlan.from_dict(s["plan"]) for s in specs] == [group_plan, group_plan]  # one mechanism for the whole group
-    assert specs[1]["train"]["optim"]["lr"] == 3.0 and specs[1]["seed"] == rs.base.seed + 1 and specs[1]["refused"] is None
+    assert specs[1]["train"]["optim"]["lr"] == 3.0 and specs[1]["refused"] is None
+    assert specs[1]["seed"] == specs[1]["train"]["seed"] and specs[1]["seed"] != rs.base.seed + 1  # secret under repeat_and_select
 
     per_trial = sweep(space={"optim.batch_size": {"choice": [16, 64]}})
     g = P.build_groups(per_trial)[0]
@@ -461,7 +462,8 @@ def test_repeat_and_select_releases_the_selected_trials_own_model_and_numbers(tm
     with torch.no_grad():
         assert [int((model(d.x).argmax(1) == d.y).sum()) / len(d) for d in (splits.val, splits.test)] == [row["val_accuracy"], row["test_accuracy"]]
     assert {p.name for p in out.iterdir()} == {S.RELEASE, S.CURATOR}
-    assert set(released) == {"state_dict", "guarantee", "private", "epsilon", "delta", "config"}
+    assert set(released) == {"state_dict", "guarantee", "private", "epsilon", "delta", "release_epsilon", "release_guarantee", "config"}
+    assert "seed" not in json.loads(released["config"])  # repeat_and_select: the winner's seed would reveal its index
     # Each finished trial's checkpoint: its ledger record and (search trials) its weights, nothing the trainer did not document.
     checkpoints = [torch.load(p, weights_only=False) for p in S.path(out, S.TUNE_DIR).rglob("state.pt")]
     assert len(checkpoints) == 4 and all(set(c) == {"record", "seconds"} for c in checkpoints)

@@ -126,7 +126,7 @@ def test_sweep_audits_each_private_group_once_and_releases_nothing_of_it(tmp_pat
         assert a["seed"] != final["seed"] and a["config"]["optim"] == final["config"]["optim"]  # the recipe, a fresh seed
     assert "audit ε_lb" in S.read_text(out, S.CURATOR_REPORT)
     assert _release(out) == {"best_per_epsilon.csv", "best_per_epsilon.json", "best_per_epsilon.md", "accuracy_vs_epsilon.png",
-                             "models/dpmix_self-eps2.pt", "models/dpmix_self-eps8.pt", "models/nonprivate.pt"}
+                             "models/dpmix_self-eps2.pt", "models/dpmix_self-eps8.pt", "recipes/dpmix_self-eps2.yaml", "recipes/dpmix_self-eps8.yaml"}
     for p in S.path(out, S.RELEASE).glob("best_per_epsilon.*"):
         assert not any(w in p.read_text() for w in AUDIT_WORDS), p
 

@@ -118,3 +118,49 @@ def statement(cfg: SweepConfig, n_train: int | None) -> str:
         "never released; the released models are full-size runs of the selected recipes." if cfg.search.proxy is not None else ""
     )
     return f"{head}{body}{proxies} Not private either way: {HELD_OUT}."
+
+
+# --------------------------------------------------------------------------- what publishing costs together
+
+def composed(cfg: SweepConfig, epsilon: float, n_train: int | None) -> str:
+    """What publishing all of release/ together costs: every released row draws on the same training split, so the
+    rows compose (dp_accounting RDP); under per_trial that composition covers the runs only, never the selection."""
+    if reproducible(cfg):
+        return f"{NOT_PRIVATE}: privacy.reproducible is true; no composed ε holds for release/"
+    data = f"the {n_train} training examples" if n_train is not None else "the training split"
+    if cfg.tuning_privacy == "repeat_and_select":
+        what = "the composition of every released search (each row's whole random search, repeat-and-select)"
+    else:
+        what = (
+            "the composition of every released run (each row's released model and the re-runs whose test accuracies it "
+            "shows): runs only, NOT the selection over the searches"
+        )
+    proxies = "; proxy trials are never covered" if cfg.search.proxy is not None else ""
+    return (
+        f"Publishing all of release/ together: (ε={epsilon:.3g}, δ={cfg.delta:g}), {what}, for {data}, RDP accountant"
+        f"{proxies}. Each row's own ε covers that row alone; publish one recipe (dpmix-ray export) to spend one row's ε."
+    )
+
+
+def bundle(cfg: SweepConfig, group: Group, epsilon: float, n_train: int | None) -> str:
+    """An exported single-recipe bundle's guarantee: that row's releases alone, and what publishing more costs."""
+    if not is_private(cfg, group):
+        return guarantee(cfg, group, n_train)
+    return (
+        f"(ε={epsilon:.3g}, δ={cfg.delta:g}) for this one recipe's released results alone ({guarantee(cfg, group, n_train)}). "
+        "Publishing anything else computed on the same training split (another bundle, release/, a retraining) composes "
+        "with it: the total ε is larger."
+    )
+
+
+def recipe_header(cfg: SweepConfig, group: Group, trial_epsilon: float, covering: str) -> list[str]:
+    """The comment lines of a released recipe file: what it runs, what its run costs, and that retraining is a new release."""
+    private = is_private(cfg, group)
+    return [
+        f"{group.method} at ε={group.epsilon:g} (δ={cfg.delta:g}): the released row's full recipe, σ and T pinned.",
+        f"`dpmix-ray train THIS.yaml` runs the same mechanism (σ, q, T) on the same data: one run, ε={trial_epsilon:.4g}."
+        if private else f"{NOT_PRIVATE}: privacy.reproducible is true.",
+        "On other data (--set data.name=…) the same σ runs the most steps its own q allows within that ε.",
+        "Retraining on the same data is a NEW release: its ε composes with every release already made from that data.",
+        covering,
+    ]

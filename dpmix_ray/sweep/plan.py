@@ -8,6 +8,7 @@ sampled hyperparameters and a seed, validated by :func:`dpmix_ray.config.with_up
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,8 +194,19 @@ def trial_counts(cfg: SweepConfig, groups: list[Group], rng: np.random.Generator
     return counts
 
 
+def secret_seeds(cfg: SweepConfig) -> bool:
+    """Under repeat_and_select a public seed per slot (base.seed + index) would make the released winner's index J,
+    hence K > J, recomputable from its outputs: seeds and the sampler's seed come from the OS instead."""
+    return cfg.tuning_privacy == "repeat_and_select"
+
+
 def trial_seed(cfg: SweepConfig, phase: str, index: int) -> int:
-    """Distinct public seeds per trial (initialisation, augmentation; the mechanism's draws are secret): finals get fresh ones."""
+    """Distinct seeds per trial (initialisation, augmentation; the mechanism's draws are secret): finals get fresh ones.
+
+    Public (base.seed + index) under per_trial; secret under repeat_and_select (:func:`secret_seeds`). Either way the
+    seed is stored in the trial's Tune config, so a resumed trial keeps it."""
+    if secret_seeds(cfg):
+        return secrets.randbits(31)
     return cfg.base.seed + index + (FINAL_SEED_OFFSET if phase == "final" else 0)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class _Study(OptunaSearch):
 
 
 def _make_study(cfg: SweepConfig, group: P.Group, index: int, count: int, storage: optuna.storages.BaseStorage) -> _Study:
-    seed = cfg.search.seed + index
+    seed = secrets.randbits(31) if P.secret_seeds(cfg) else cfg.search.seed + index  # the sampler's state is pickled with the searcher
     if cfg.search.sampler == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     else:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ AUDIT_FILE = f"{CURATOR}/audit.jsonl"
 RELEASE_TABLE = f"{RELEASE}/best_per_epsilon"  # .json, .csv, .md
 RELEASE_PLOT = f"{RELEASE}/accuracy_vs_epsilon.png"
 RELEASE_MODELS = f"{RELEASE}/models"
+RELEASE_RECIPES = f"{RELEASE}/recipes"
 EXPERIMENT = "trials"
 
 # Which file is which: the report and the docs list these, in this order.
@@ -52,6 +55,7 @@ FILES: dict[str, str] = {
     f"{RELEASE_TABLE}.{{json,csv,md}}": "released: the best row per (method, ε) and the guarantee that covers it",
     RELEASE_PLOT: "released: test accuracy of the released models against ε",
     f"{RELEASE_MODELS}/*.pt": "released: each row's model weights, with its guarantee inside the file",
+    f"{RELEASE_RECIPES}/*.yaml": "released: each row's recipe as a complete train config (σ and T pinned)",
     CURATOR_REPORT: "curator only: this report, with every trial",
     LEDGER_FILE: "curator only: the ledger, one JSON record per finished trial",
     TRIALS_TABLE: "curator only: every trial as a table",
@@ -91,6 +95,33 @@ def list_files(out: Path, rel_dir: str) -> list[str]:
     """The files directly in ``rel_dir``, as out-relative names."""
     d = path(out, rel_dir)
     return sorted(f"{rel_dir}/{p.name}" for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+
+def publish_release(out: Path, files: dict[str, bytes | str], *, replace: bool) -> bool:
+    """Write ``release/`` (``files``: out-relative names under it) as one directory rename, so nobody ever sees half
+    of a release or a mix of two. ``replace=False`` (repeat_and_select: one release, ever) keeps an existing
+    ``release/`` and returns False; a second version would be a second release of the same search."""
+    final = path(out, RELEASE)
+    if final.exists() and not replace:
+        return False
+    stage = Path(tempfile.mkdtemp(prefix=".release-", dir=out))
+    for rel, data in files.items():
+        p = stage / Path(rel).relative_to(RELEASE)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+    old = Path(tempfile.mkdtemp(prefix=".release-old-", dir=out))
+    try:
+        if final.exists():
+            os.replace(final, old / RELEASE)
+        os.rename(stage, final)  # fails if another writer put a release/ there meanwhile
+    except OSError:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not final.exists() and (old / RELEASE).exists():
+            os.replace(old / RELEASE, final)
+        return False
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 @dataclass
@@ -230,6 +261,10 @@ def model_name(group: str, phase: str, index: int) -> str:
 
 def released_model_name(group: str) -> str:
     return f"{RELEASE_MODELS}/{file_stem(group)}.pt"
+
+
+def recipe_name(group: str) -> str:
+    return f"{RELEASE_RECIPES}/{file_stem(group)}.yaml"
 
 
 def file_stem(group: str) -> str:
