@@ -314,15 +314,20 @@ def repeat_and_select_event(run: dp_event.DpEvent, mean_trials: float, shape: fl
     return dp_event.RepeatAndSelectDpEvent(run, mean_trials, shape)
 
 
-def composed_epsilon(events: Sequence[dp_event.DpEvent], delta: float) -> float:
+def composed_epsilon(events: Sequence[dp_event.DpEvent], delta: float, neighbouring: str = "zero_out") -> float:
     """ε at ``delta`` of publishing the outputs of every event together, on the same data.
 
     Releases from one training split compose: their RDP curves add up in one accountant, which is
-    tighter than summing ε's and still far above any one release's ε. No event: nothing released, ε = 0.
+    tighter than summing ε's and still far above any one release's ε. Under ``replace_one`` the runs
+    compose in dp_accounting's PLD accountant (RDP would state the zero-out figure; repeat-and-select is
+    refused there). No event: nothing released, ε = 0.
     """
     if not events:
         return 0.0
-    acc = _tuning_accountant()
+    if neighbouring == "replace_one":
+        acc = pld.PLDAccountant(DP_ACCOUNTING_RELATION[neighbouring], value_discretization_interval=PLD_INTERVAL)
+    else:
+        acc = _tuning_accountant()
     for event in events:
         acc.compose(event)
     return float(acc.get_epsilon(delta))

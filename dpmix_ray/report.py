@@ -142,7 +142,7 @@ def _row(cfg: SweepConfig, g: Group, records: list[dict[str, Any]], state: S.Swe
         "released_run": None if not out else ("selected search trial" if out["phase"] == "search" else f"final run {out['index']}"),
         **{k: out.get(k) for k in ("val_accuracy", "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs",
                                    "accountant", "trial_epsilon", "search_epsilon")},
-        "events": events, "row_epsilon": composed_epsilon(events, cfg.delta) if events else None,
+        "events": events, "row_epsilon": composed_epsilon(events, cfg.delta, cfg.base.privacy.neighbouring) if events else None,
         "release_epsilon": None, "release_guarantee": None, "model": None, "recipe_file": None,
         "rerun_test_mean": statistics.fmean(tests) if tests else None,
         "rerun_test_sd": statistics.stdev(tests) if len(tests) > 1 else None,
@@ -454,7 +454,7 @@ def build_report(out_dir: Path) -> None:
     groups = build_groups(cfg)
     rows = [_row(cfg, g, records, state) for g in groups]
     pairs = [(g, r) for g, r in zip(groups, rows) if methods.get(g.method).private]
-    release_eps = composed_epsilon([e for _, r in pairs for e in r["events"]], cfg.delta)
+    release_eps = composed_epsilon([e for _, r in pairs for e in r["events"]], cfg.delta, cfg.base.privacy.neighbouring)
     composed = claims.composed(cfg, release_eps, state.n_train)
     for _, row in pairs:
         row |= {"release_epsilon": None if claims.reproducible(cfg) else release_eps, "release_guarantee": composed}

@@ -14,6 +14,7 @@ from dp_accounting import dp_event as E
 from dp_accounting import pld, rdp
 
 from dpmix_ray.config import load_train_config
+from dpmix_ray import privacy as P
 from dpmix_ray.errors import BudgetError
 from dpmix_ray.privacy import (
     calibrate_noise,
@@ -231,3 +232,12 @@ def test_sweep_claims_name_the_relation():
         cfg = SweepConfig.model_validate({"base": overrides, "epsilons": [1.0]})
         group = build_groups(cfg)[0]
         assert words in claims.guarantee(cfg, group, 3502) and words in claims.statement(cfg, 3502)
+
+
+def test_release_composition_follows_the_stated_relation() -> None:
+    """release/ under replace_one composes in PLD replace-one (three runs = one run of 3T steps), above zero-out's RDP."""
+    runs = [P.dpsgd_event(1.0, 0.07, 200)] * 3
+    replace = P.composed_epsilon(runs, 1e-5, "replace_one")
+    once = P.epsilon_spent(noise_multiplier=1.0, sample_rate=0.07, steps=600, delta=1e-5, accountant="pld", neighbouring="replace_one")
+    assert replace == pytest.approx(once, rel=1e-6)
+    assert replace > P.composed_epsilon(runs, 1e-5, "zero_out") * 1.2
