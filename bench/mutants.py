@@ -168,7 +168,7 @@ MUTANTS = (
            "dpmix_ray/audit.py",
            (("made = guess(scores, top=top", "made = guess(can.included.astype(float), top=top"),), "tests/test_guards.py"),
     Mutant("audit_public_membership", "canary membership drawn from the public label seed, not 128 secret bits", "dpmix_ray/audit.py",
-           (("np.random.default_rng(secrets.randbits(128))", "np.random.default_rng(label_seed)"),), "tests/test_guards.py"),
+           (("np.random.default_rng(secrets.randbits(128))", "np.random.default_rng(label_seed)"),), "tests/test_audit.py"),
     Mutant("audit_wrong_tail", "the p-value takes the lower binomial tail P[W <= v]", "dpmix_ray/audit.py",
            (("beta = float(pmf[correct:].sum())", "beta = float(pmf[: correct + 1].sum())"),), "tests/test_audit.py"),
     Mutant("audit_no_delta_term", "the p-value drops the 2mδ·α term", "dpmix_ray/audit.py",
