@@ -1,7 +1,8 @@
 """Break the privacy mechanism on purpose, in a copy of the repository, and show the tests kill each break.
 
-Each mutant is a source edit of the kind a privacy bug would be (noise divided by the realised batch
-size, noise per physical chunk, ...). For each, a temporary copy of the repository (tracked and
+Each mutant is a source edit of the kind a privacy bug would be: in the mechanism (noise divided by the
+realised batch size, noise per physical chunk, ...) and outside it (the search's accounting, sweep
+planning, resume, what reaches release/, selection, the audit, mixing). For each, a temporary copy of the repository (tracked and
 untracked, not ignored, files; the worktree itself is never touched) gets the edit, and the privacy
 test files run there (``PYTHONPATH`` at the copy, ``-m "not slow"``), the mutant's most relevant file
 first, stopping at the first failure (``--all``: every failing test, slower). A mutant is *killed*
