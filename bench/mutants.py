@@ -1,7 +1,8 @@
 """Break the privacy mechanism on purpose, in a copy of the repository, and show the tests kill each break.
 
-Each mutant is a source edit of the kind a privacy bug would be (noise divided by the realised batch
-size, noise per physical chunk, ...). For each, a temporary copy of the repository (tracked and
+Each mutant is a source edit of the kind a privacy bug would be: in the mechanism (noise divided by the
+realised batch size, noise per physical chunk, ...) and outside it (the search's accounting, sweep
+planning, resume, what reaches release/, selection, the audit, mixing). For each, a temporary copy of the repository (tracked and
 untracked, not ignored, files; the worktree itself is never touched) gets the edit, and the privacy
 test files run there (``PYTHONPATH`` at the copy, ``-m "not slow"``), the mutant's most relevant file
 first, stopping at the first failure (``--all``: every failing test, slower). A mutant is *killed*
@@ -31,7 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIVACY_TESTS = ("tests/test_mechanism.py", "tests/test_grads.py", "tests/test_mix.py", "tests/test_trainer.py", "tests/test_privacy.py")
+PRIVACY_TESTS = (
+    "tests/test_mechanism.py", "tests/test_grads.py", "tests/test_mix.py", "tests/test_trainer.py", "tests/test_privacy.py",
+    "tests/test_guards.py", "tests/test_sweep.py", "tests/test_search.py", "tests/test_report.py", "tests/test_sweep_audit.py",
+    "tests/test_audit.py",
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,92 @@ MUTANTS = (
            "tests/test_mechanism.py"),
     Mutant("host_copy_per_chunk", "each chunk's images copied from the host dataset", "dpmix_ray/trainer.py",
            (("assemble(train_set.images(sel),", "assemble(splits.train.x[sel.cpu()].to(device),"),), "tests/test_trainer.py"),
+    # ------------------------------------------------------------------ outside the mechanism (issue 16 §7)
+    # accounting (dpmix_ray/privacy.py)
+    Mutant("rs_steps_halved", "repeat-and-select accounts each trial as half its DP-SGD steps (the search ε understated)",
+           "dpmix_ray/privacy.py",
+           (("dp_event.GaussianDpEvent(noise_multiplier)), steps\n", "dp_event.GaussianDpEvent(noise_multiplier)), steps // 2\n"),),
+           "tests/test_guards.py"),
+    Mutant("rs_delta_loosened", "the search ε read off the RDP curve at 10·δ, not the sweep's δ", "dpmix_ray/privacy.py",
+           (("mean_trials, shape)], delta)", "mean_trials, shape)], 10 * delta)"),), "tests/test_guards.py"),
+    Mutant("rs_shape_ignored", "repeat-and-select always accounted as a Poisson trial count, whatever shape is drawn",
+           "dpmix_ray/privacy.py",
+           (("return dp_event.RepeatAndSelectDpEvent(run, mean_trials, shape)", "return dp_event.RepeatAndSelectDpEvent(run, mean_trials, math.inf)"),), "tests/test_guards.py"),
+    Mutant("calibration_overspends", "calibrate_noise returns 0.97·σ and no longer re-checks ε(σ) <= target", "dpmix_ray/privacy.py",
+           (("    if not spent(sigma) <= epsilon:\n        raise BudgetError(f\"calibrated",
+             "    sigma *= 0.97\n    if False:\n        raise BudgetError(f\"calibrated"),),
+           "tests/test_privacy.py"),
+    Mutant("tuning_sigma_overspends", "the random search's σ calibrated (and nudged) to 1.2·ε", "dpmix_ray/privacy.py",
+           (("            epsilon,\n            delta,\n", "            1.2 * epsilon,\n            delta,\n"),
+            (") > epsilon:\n        sigma *= 1.001", ") > 1.2 * epsilon:\n        sigma *= 1.001")),
+           "tests/test_privacy.py"),
+    Mutant("check_plan_trusts_claim", "check_plan takes the plan's own ε claim instead of recomputing it from (σ, q, T, δ)",
+           "dpmix_ray/privacy.py",
+           (("            spent = epsilon_spent(noise_multiplier=plan.noise_multiplier,",
+             "            spent = plan.epsilon_spent or epsilon_spent(noise_multiplier=plan.noise_multiplier,"),),
+           "tests/test_privacy.py"),
+    # sweep planning (dpmix_ray/sweep/plan.py, budget.py)
+    Mutant("count_drawn_geometric", "the Poisson trial count drawn geometric with the same mean (not the accounted law)",
+           "dpmix_ray/sweep/plan.py",
+           (("return int(rng.poisson(mean))", "return int(rng.geometric(1.0 / mean))"),), "tests/test_guards.py"),
+    Mutant("nb_count_wrong_parameter", "the truncated negative binomial drawn with 1−γ for γ", "dpmix_ray/sweep/plan.py",
+           (("rng.negative_binomial(shape, gamma)", "rng.negative_binomial(shape, 1.0 - gamma)"),), "tests/test_guards.py"),
+    Mutant("tpe_under_rs", "repeat_and_select accepts the adaptive TPE sampler", "dpmix_ray/sweep/plan.py",
+           (('if cfg.search.sampler != "random":', 'if cfg.search.sampler not in ("random", "tpe"):'),), "tests/test_sweep.py"),
+    Mutant("warm_start_under_rs", "warm starts on by default under repeat_and_select", "dpmix_ray/sweep/plan.py",
+           (('cfg.search.warm_start is not None else cfg.tuning_privacy == "per_trial"', 'cfg.search.warm_start is not None else True'),),
+           "tests/test_guards.py"),
+    Mutant("transfer_under_rs", "transfer across ε on by default under repeat_and_select", "dpmix_ray/sweep/plan.py",
+           (('cfg.search.transfer is not None else cfg.tuning_privacy == "per_trial"', 'cfg.search.transfer is not None else True'),),
+           "tests/test_guards.py"),
+    Mutant("one_seed_for_all_trials", "every trial of a phase gets the same public seed", "dpmix_ray/sweep/plan.py",
+           (("return cfg.base.seed + index + (", "return cfg.base.seed + ("),), "tests/test_sweep.py"),
+    Mutant("trial_sigma_not_tuning", "a repeat_and_select trial planned as one run at the full ε, not the group's tuning σ",
+           "dpmix_ray/sweep/budget.py",
+           (("return group_plan if group_plan is not None else _one_run(train_cfg, n)", "return _one_run(train_cfg, n)"),),
+           "tests/test_sweep.py"),
+    # resume (dpmix_ray/trainer.py)
+    Mutant("secret_resume_restarts", "a resume without mechanism state (secret randomness) restarts at step 0: more steps than planned",
+           "dpmix_ray/trainer.py",
+           (('start_step, train_seconds = resume_state["step"], resume_state["seconds"]',
+             'start_step, train_seconds = resume_state["step"] if resume_state["mechanism"] is not None else 0, resume_state["seconds"]'),),
+           "tests/test_guards.py"),
+    Mutant("resume_skips_a_step", "checkpoints record one step more than was run: a resume skips a step", "dpmix_ray/trainer.py",
+           (('"step": step + 1, "seconds"', '"step": step + 2, "seconds"'),), "tests/test_guards.py"),
+    # release filtering (dpmix_ray/report.py, sweep/claims.py, sweep/selection.py)
+    Mutant("trial_counts_released", "the drawn trial count joins each released row", "dpmix_ray/report.py",
+           (('"release_guarantee", "model", "recipe_file",\n)', '"release_guarantee", "model", "recipe_file", "trials_planned",\n)'),), "tests/test_report.py"),
+    Mutant("reruns_released_under_rs", "the fresh-seed re-runs released under repeat_and_select too", "dpmix_ray/report.py",
+           (('    return cfg.tuning_privacy == "per_trial"\n', "    return True\n"),), "tests/test_report.py"),
+    Mutant("audit_results_released", "each group's audit result (ε_lb) joins its released row", "dpmix_ray/report.py",
+           (("public = [released(cfg, r) for _, r in pairs]\n    files[",
+             'public = [released(cfg, r) | {"audit": S.read_audits(out).get(r["group"])} for _, r in pairs]\n    files['),),
+           "tests/test_sweep_audit.py"),
+    Mutant("nonprivate_row_private", "the non-private reference's row claims to be private", "dpmix_ray/sweep/claims.py",
+           (("return group.epsilon is not None and not reproducible(cfg)", "return not reproducible(cfg)"),), "tests/test_report.py"),
+    Mutant("proxy_trial_released", "a selected proxy trial (outside the guarantee) is released itself", "dpmix_ray/sweep/selection.py",
+           (('if chosen is None or not chosen.get("proxy"):', "if True:"),), "tests/test_report.py"),
+    # selection (dpmix_ray/sweep/selection.py)
+    Mutant("select_on_test", "the search trial with the best test accuracy is selected, not the best validation score",
+           "dpmix_ray/sweep/selection.py",
+           (('key=lambda r: (r["score"], -int(r["index"]))', 'key=lambda r: (r.get("test_accuracy") or 0.0, -int(r["index"]))'),),
+           "tests/test_sweep.py"),
+    # the audit (dpmix_ray/audit.py)
+    Mutant("audit_guesses_with_truth", "the audit guesses from the canaries' true membership, not the model's scores",
+           "dpmix_ray/audit.py",
+           (("made = guess(scores, top=top", "made = guess(can.included.astype(float), top=top"),), "tests/test_guards.py"),
+    Mutant("audit_public_membership", "canary membership drawn from the public label seed, not 128 secret bits", "dpmix_ray/audit.py",
+           (("np.random.default_rng(secrets.randbits(128))", "np.random.default_rng(label_seed)"),), "tests/test_audit.py"),
+    Mutant("audit_wrong_tail", "the p-value takes the lower binomial tail P[W <= v]", "dpmix_ray/audit.py",
+           (("beta = float(pmf[correct:].sum())", "beta = float(pmf[: correct + 1].sum())"),), "tests/test_audit.py"),
+    Mutant("audit_no_delta_term", "the p-value drops the 2mδ·α term", "dpmix_ray/audit.py",
+           (("return min(1.0, beta + 2 * canaries * delta * alpha)", "return min(1.0, beta)"),), "tests/test_audit.py"),
+    # mixing (dpmix_ray/mix.py)
+    Mutant("mix_with_other_example", "a self-mixup's second image is the neighbouring example's augmentation", "dpmix_ray/mix.py",
+           (("(1 - lam) * augs[bi, d.pair[..., 1]]", "(1 - lam) * augs.roll(1, 0)[bi, d.pair[..., 1]]"),), "tests/test_guards.py"),
+    Mutant("diff_label_not_mixed", "a diffusion-mixup keeps the example's one-hot label", "dpmix_ray/mix.py",
+           (("targets.append(lam[..., None] * onehot[:, None, :] + (1 - lam[..., None]) * syn_y)",
+             "targets.append(onehot[:, None, :].expand(b, n, num_classes))"),), "tests/test_mix.py"),
 )
 
 
