@@ -230,9 +230,10 @@ def pin_plan(cfg: TrainConfig, plan: Plan, n_train: int) -> TrainConfig:
     On other data (another N) the same σ runs the most steps its own q allows within that ε.
     """
     spent = epsilon_spent(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
-                          delta=cfg.privacy.delta, accountant=plan.accountant)
+                          delta=cfg.privacy.delta, accountant=plan.accountant, neighbouring=plan.neighbouring)
     pinned = with_updates(cfg, {"privacy.noise_multiplier": plan.noise_multiplier, "privacy.epsilon": spent,
-                                "privacy.accountant": plan.accountant, "optim.epochs": None})
+                                "privacy.accountant": plan.accountant, "privacy.neighbouring": plan.neighbouring,
+                                "optim.epochs": None})
     again = plan_run(pinned, n_train)
     if (again.noise_multiplier, again.steps) != (plan.noise_multiplier, plan.steps) or not math.isclose(again.sample_rate, plan.sample_rate, rel_tol=1e-12):
         raise BudgetError(f"cannot pin σ={plan.noise_multiplier:g}, T={plan.steps} in a config: it plans σ={again.noise_multiplier:g}, T={again.steps}")

@@ -196,7 +196,8 @@ def _recipe(cfg: SweepConfig, g: Group, row: dict[str, Any]) -> str | None:
     config = row["config"]
     if config is None:
         return None
-    run = Plan(row["noise_multiplier"], row["sample_rate"], int(row["steps"]), row["epochs"], row["trial_epsilon"], row["accountant"])
+    run = Plan(row["noise_multiplier"], row["sample_rate"], int(row["steps"]), row["epochs"], row["trial_epsilon"], row["accountant"],
+               config["privacy"]["neighbouring"])
     pinned = pin_plan(TrainConfig.model_validate(config), run, row["n_train"]).model_dump(mode="json")
     body = {k: v for k, v in pinned.items() if k not in _TRIAL_KEYS}
     spent = pinned["privacy"]["epsilon"]

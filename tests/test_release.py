@@ -32,7 +32,7 @@ def _rs_sweep(out: Path, finished: bool = True) -> None:
     records = [r | {"search_epsilon": r["epsilon"]} for r in _records()]
     _write_sweep(out, records, finished=finished, **RS)
     state = S.read_state(out)
-    run = Plan(1.1, 64 / N_TRAIN, 40, 40 * 64 / N_TRAIN, 1.0, "rdp")
+    run = Plan(1.1, 64 / N_TRAIN, 40, 40 * 64 / N_TRAIN, 1.0, "rdp", "zero_out")
     state.plans = {g: TrialPlan(run, N_TRAIN, 1.0, float(g.split("=")[1])).as_dict() for g in state.counts if "@eps=" in g}
     S.write_state(out, state)
 
