@@ -66,16 +66,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> None:
     from dpmix_ray.audit import run_audit
-    from dpmix_ray.config import load_train_config
+    from dpmix_ray.config import AUDIT_CANARIES, load_train_config
 
     cfg = load_train_config(args.config, args.set)
-    counts = {k: v for k, v in (("canaries", args.canaries), ("guesses", args.guesses)) if v is not None}
-    report = run_audit(cfg, **counts, progress=not args.json)
+    report = run_audit(cfg, canaries=args.canaries or AUDIT_CANARIES, guesses=args.guesses, progress=not args.json,
+                       white_box=not args.black_box, estimator=args.estimator, directions=args.directions)
+    if not report["private"]:
+        report["verdict"] = f"NOT PRIVATE: {report['guarantee']}"
     if not args.json:
-        claim = "no ε (non-private)" if report["epsilon"] is None else f"ε = {report['epsilon']:.3f}, δ = {report['delta']:g}"
-        print(f"  ε_lb = {report['epsilon_lower_bound']:.2f} at {report['confidence']:.0%} confidence ({report['correct']}/{report['guesses']} "
-              f"guesses right, {report['canaries']} canaries) for a run claiming {claim}; no black-box audit with "
-              f"{report['guesses']} guesses can show more than {report['max_provable_epsilon']:.2f}", file=sys.stderr)
+        claim = "no ε" if report["epsilon"] is None else f"ε = {report['epsilon']:.3f}, δ = {report['delta']:g}"
+        tuned = "tuned on a held-out half" if report["guesses_tuned"] else "fixed in advance"
+        print(f"  ε_lb = {report['epsilon_lower_bound']:.2f} at {report['confidence']:.0%} confidence, {report['setting']}, "
+              f"estimator {report['estimator']} ({report['correct']}/{report['guesses']} guesses right, {tuned}; "
+              f"{report['canaries_scored']} of {report['canaries']} canaries scored) for a run claiming {claim}", file=sys.stderr)
+        if "verdict" in report:
+            print(f"  {report['verdict']}", file=sys.stderr)
     _print_json(report)
 
 
@@ -166,8 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="one-run empirical privacy audit (a lower bound on ε) of a training config")
     a.add_argument("config", nargs="?", default=None)
     with_set(a)
-    a.add_argument("--canaries", type=int, help="m mislabelled canaries taken from the training split (default 1000)")
-    a.add_argument("--guesses", type=int, help="r guesses, half 'in', half 'out', fixed before the run (default 200)")
+    a.add_argument("--canaries", type=int, help="m canaries: white-box gradient slots added to N, or (--black-box) mislabelled "
+                   "training images (default 1000)")
+    a.add_argument("--guesses", type=int, help="r guesses, half 'in', half 'out', fixed before the run, every canary scored "
+                   "(default: tuned on a held-out half of the canaries, the other half scored)")
+    a.add_argument("--black-box", action="store_true", help="input canaries scored on the final model only (default: white-box)")
+    a.add_argument("--estimator", choices=["max", "steinke", "fdp"], default="max",
+                   help="max: Steinke et al. and the f-DP bound at 97.5%% each, the larger (default); or one named in advance")
+    a.add_argument("--directions", choices=["dirac", "random"], default="dirac", help="white-box canary directions (default dirac)")
     a.add_argument("--json", action="store_true", help="no progress bar or summary; only the JSON result line")
     a.set_defaults(fn=cmd_audit)
 

@@ -246,7 +246,6 @@ class ResourcesConfig(_Strict):
 
 # The one-run audit's defaults (dpmix_ray.audit reads them here, so a sweep's final.audit_* can be checked without torch).
 AUDIT_CANARIES = 1000
-AUDIT_GUESSES = 200
 
 
 class FinalConfig(_Strict):
@@ -257,20 +256,21 @@ class FinalConfig(_Strict):
         False, description="audit each private group's released recipe with one more training run on the private data "
         "(dpmix_ray.audit, a lower bound ε_lb on its ε): curator only, outside the sweep's guarantee"
     )
-    audit_canaries: int | None = Field(None, ge=2, description=f"canaries m per audit; null = {AUDIT_CANARIES}")
-    audit_guesses: int | None = Field(None, ge=2, description=f"guesses r per audit (r <= m); null = {AUDIT_GUESSES}")
+    audit_canaries: int | None = Field(None, ge=2, description=f"white-box canary slots m per audit (added to N); null = {AUDIT_CANARIES}")
+    audit_guesses: int | None = Field(None, ge=2, description="guesses r per audit (r <= m), fixed in advance; null = tuned on a "
+                                      "held-out half of the canaries")
 
     @property
     def canaries(self) -> int:
         return AUDIT_CANARIES if self.audit_canaries is None else self.audit_canaries
 
     @property
-    def guesses(self) -> int:
-        return AUDIT_GUESSES if self.audit_guesses is None else self.audit_guesses
+    def guesses(self) -> int | None:
+        return self.audit_guesses
 
     @model_validator(mode="after")
     def _guesses_within_canaries(self) -> "FinalConfig":
-        if self.guesses > self.canaries:
+        if self.guesses is not None and self.guesses > self.canaries:
             raise ValueError(
                 f"audit_guesses ({self.guesses}) exceeds audit_canaries ({self.canaries}): each guess is about one canary"
             )

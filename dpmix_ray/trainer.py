@@ -16,7 +16,8 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -52,6 +53,21 @@ class Fitted:
 
     result: dict[str, Any]
     model: nn.Module
+
+
+class StepExtra(Protocol):
+    """Extra examples joined to every logical step (the white-box audit's canary slots), and a view of the releases.
+
+    ``examples`` slots count in N whatever they hold (so q does not reveal them); :meth:`sample` Poisson-samples
+    them at rate q from its own randomness and returns their per-example gradients (enters the same clip, sum and
+    noise as every other example), or None; :meth:`released` sees each step's update, as any observer could.
+    """
+
+    examples: int
+
+    def sample(self, params: Mapping[str, torch.Tensor], sample_rate: float) -> M.PerExample | None: ...
+
+    def released(self, update: M.Grads) -> None: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,18 +149,21 @@ def fit(
     progress: bool = True,
     splits: Splits | None = None,
     per_example_fn: G.PerExampleFn | None = None,
+    extra: StepExtra | None = None,
 ) -> Fitted:
     """Train one config end to end: its result record (see :func:`_result`) and the trained model.
 
     ``plan``: the privacy plan (σ or T, q); None plans here, a given one is checked against the config
-    and N. Either way a run over budget raises BudgetError before anything is built. A resumed
+    and N. Either way a run over budget raises BudgetError before anything is built. ``extra``: slots added to
+    N and to every logical step (:class:`StepExtra`, the white-box audit). A resumed
     default run continues with fresh secret randomness; only a reproducible run resumes bit for bit.
     """
     wall_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     splits = splits or load_splits(cfg.data)
-    n = len(splits.train)
+    n_real = len(splits.train)
+    n = n_real + (extra.examples if extra is not None else 0)
     cfg = resolve(cfg, n)  # null batch size / epochs / lr derived from N and ε; the result records them
     check_against_dataset(cfg, n)
     plan = plan if plan is not None else plan_run(cfg, n)
@@ -197,11 +216,11 @@ def fit(
     def batch_indices(step: int) -> torch.Tensor:
         nonlocal perm
         if cfg.is_private:
-            return M.poisson_sample(n, plan.sample_rate, rand.sampler)
+            return M.poisson_sample(n_real, plan.sample_rate, rand.sampler)
         # Non-private reference: shuffled fixed-size batches, one permutation per epoch.
         pos = (step % steps_per_epoch) * cfg.optim.batch_size
         if perm is None or step % steps_per_epoch == 0:
-            perm = torch.randperm(n, generator=rand.sampler, device=device)
+            perm = torch.randperm(n_real, generator=rand.sampler, device=device)
         return perm[pos : pos + cfg.optim.batch_size]
 
     def state() -> dict[str, Any]:
@@ -240,7 +259,16 @@ def fit(
                     summed[k] += part[k]
                 loss_sum += losses.sum()
                 loss_count += len(sel)
-        update = logical.release() if cfg.is_private else {k: s / max(1, len(idx)) for k, s in summed.items()}
+        joined = extra.sample(params, plan.sample_rate) if extra is not None else None
+        if joined is not None and cfg.is_private:
+            logical.add(joined)
+        elif joined is not None:
+            for k, g in joined.weighted_sum(torch.ones_like(joined.norms)).items():
+                summed[k] += g
+        size = len(idx) + (len(joined.norms) if joined is not None else 0)
+        update = logical.release() if cfg.is_private else {k: s / max(1, size) for k, s in summed.items()}
+        if extra is not None:
+            extra.released(update)
         for k, p in params.items():
             p.grad = update[k]
         opt.step()

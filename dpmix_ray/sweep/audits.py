@@ -1,4 +1,4 @@
-"""``final.audit``: after the sweep, one audited training run per private group (:func:`dpmix_ray.audit.run_audit`),
+"""``final.audit``: after the sweep, one white-box audited training run per private group (:func:`dpmix_ray.audit.run_audit`),
 its lower bound ε_lb written to ``curator/audit.jsonl``.
 
 An audit run is one more training run on the private data, with canaries in: it is outside the
@@ -25,14 +25,12 @@ from dpmix_ray.sweep.plan import Group, final_seeds
 
 
 def check(cfg: SweepConfig, n_train: int) -> None:
-    """Before Ray starts: the canaries come out of the N training examples, and δ must stay < 1/N without them."""
+    """Before Ray starts: the white-box canary slots join N (N = N_real + m), and δ must stay < 1/N with them."""
     if not cfg.final.audit:
         return
     m = cfg.final.canaries
-    if m >= n_train:
-        raise ConfigError(f"final.audit_canaries: {m} canaries need more than the {n_train} training examples they are taken from")
-    if cfg.delta >= 1.0 / (n_train - m):
-        raise ConfigError(f"final.audit_canaries: with {m} canaries out, δ={cfg.delta:g} is not < 1/N for the N={n_train - m} examples left")
+    if cfg.delta >= 1.0 / (n_train + m):
+        raise ConfigError(f"final.audit_canaries: with {m} canary slots, δ={cfg.delta:g} is not < 1/N for N={n_train + m}")
 
 
 def audit_config(cfg: SweepConfig, group: Group, records: list[dict[str, Any]], state: S.SweepState) -> TrainConfig | None:
@@ -66,7 +64,7 @@ def audit_line(group: Group, train: TrainConfig, result: dict[str, Any]) -> dict
             "audited_at": time.time(), **result}
 
 
-def _run_audit(train_json: str, canaries: int, guesses: int) -> dict[str, Any]:
+def _run_audit(train_json: str, canaries: int, guesses: int | None) -> dict[str, Any]:
     """The Ray task: one audited run (imports the trainer on the worker only)."""
     from dpmix_ray.audit import run_audit
 
@@ -74,8 +72,8 @@ def _run_audit(train_json: str, canaries: int, guesses: int) -> dict[str, Any]:
 
 
 def _say(line: dict[str, Any]) -> str:
-    return (f"{line['group']:>22} audit    ε_lb {line['epsilon_lower_bound']:.3f} for a run of ε {line['epsilon']:.3g} "
-            f"({line['correct']}/{line['guesses']} guesses right; {line['guesses']} guesses prove at most {line['max_provable_epsilon']:.2f})")
+    return (f"{line['group']:>22} audit    ε_lb {line['epsilon_lower_bound']:.3f} ({line['setting']}, {line['estimator']}) for a run "
+            f"of ε {line['epsilon']:.3g} ({line['correct']}/{line['guesses']} guesses right)")
 
 
 def run_audits(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], *, mirror: Any = None, progress: bool = True) -> None:
