@@ -263,3 +263,10 @@ def test_cli_audit_refuses_more_guesses_than_canaries(capsys):
     assert main(["audit", "--set", "data.name=digits", "--canaries", "50", "--guesses", "60"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "--guesses" in err
+
+
+def test_white_box_membership_is_secret_and_fresh_per_audit():
+    """Two canary slot sets on the same public seed draw different memberships (secret bits, not ``seed``)."""
+    a, b = A.CanarySlots(200, clip_norm=1.0, seed=7), A.CanarySlots(200, clip_norm=1.0, seed=7)
+    assert 0.35 < a.included.mean() < 0.65
+    assert not np.array_equal(a.included, b.included)

@@ -162,7 +162,8 @@ def test_an_examples_group_does_not_change_when_another_example_does():
     gen = torch.Generator().manual_seed(5)
     x, y = torch.rand(6, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0, 1, 2])
     pool = SyntheticPool.from_tensors(torch.rand(6, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
-    d = draw(y, image_hw=(8, 8), k=3, m=2, n=2, alpha=0.5, padding=2, flip=True, gen=torch.Generator().manual_seed(0), synthetic=pool)
+    key = torch.arange(6, dtype=torch.int64) * 7919 + 1
+    d = draw(y, key, seed=0, step=0, image_hw=(8, 8), k=3, m=2, n=2, alpha=0.5, padding=2, flip=True, synthetic=pool)
     imgs, tgts = assemble(x, y, d, num_classes=3, padding=2, synthetic=pool)
     x2, y2 = x.clone(), y.clone()
     x2[2], y2[2] = torch.rand(1, 8, 8, generator=gen), 0
