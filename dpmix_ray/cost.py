@@ -129,7 +129,8 @@ def probe(cfg: TrainConfig, shape: DataShape, *, seconds: float = PROBE_SECONDS,
         marks.append((rep.step, time.perf_counter()))
         timed = marks[-1][1] - marks[0][1]
         one_step = marks[-1][1] - (marks[-2][1] if len(marks) >= 2 else started)
-        if timed + one_step > seconds or (len(marks) == 1 and one_step > seconds):
+        # one timed step at least, unless the untimed first one (with setup) already took the whole allowance
+        if (len(marks) >= 2 and timed + one_step > seconds) or one_step > max(seconds, PROBE_SECONDS):
             raise _Enough
 
     try:
