@@ -113,6 +113,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from dpmix_ray.sweep import run_sweep
 
     cfg = load_sweep_config(args.config, args.set)
+    if args.dry_run:
+        from dpmix_ray.cost import data_shape
+        from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep
+
+        estimate = estimate_sweep(cfg, data_shape(cfg.base.data))
+        print("\n".join(describe_sweep(estimate)), file=sys.stderr)
+        return _print_json(estimate)
     if args.storage:
         cfg = cfg.model_copy(update={"storage": args.storage})
     out = Path(args.out) if args.out else Path("results") / cfg.name
@@ -196,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config")
     with_set(sw)
     sw.add_argument("--resume", action="store_true")
+    sw.add_argument("--dry-run", action="store_true", help="print every group's recipe and the estimated cost (a short probe on "
+                    "random inputs), then stop: no Ray, nothing written")
     sw.add_argument("--address", default=None, help="auto | ray://host:port (default: a local Ray)")
     sw.add_argument("--out", default=None, help="output dir (default results/<sweep name>)")
     sw.add_argument("--storage", default=None, metavar="URI",
