@@ -33,6 +33,8 @@ from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep import audits, selection
+from dpmix_ray.cost import data_shape, duration
+from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep, trial_wall_seconds
 from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity, plan_groups, training_size
 from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status
 from dpmix_ray.sweep.plan import Group, build_groups, check_sweep, early_stopping, final_seeds, trial_counts
@@ -70,11 +72,13 @@ def _checkpoint_file(trial: Any, name: str) -> bytes | None:
 class SweepCallback(tune.Callback):
     """Writes every finished trial to the ledger at once, keeps each group's best model, draws the live progress view."""
 
-    def __init__(self, out: Path, total: int, progress: bool):
+    def __init__(self, out: Path, total: int, progress: bool, estimate: dict[str, Any] | None = None):
         self._out = out
         self._total = total
         self._progress = progress
         self._bar: Any = None
+        self._estimate = estimate  # estimate.estimate_sweep's record: the time left shown beside the bar
+        self._left = estimate["estimated_wall_seconds"] if estimate else None
 
     def setup(self, **info: Any) -> None:
         if self._progress:
@@ -114,6 +118,9 @@ class SweepCallback(tune.Callback):
             eps = f" ε_spent {spent:.3f}" if spent is not None else ""
             why = f" ({record['reason']})" if record.get("reason") else ""
             self._bar.write(f"{record['group']:>22} {record['phase']:6} #{record['index']:<3} {record['status']:9} {acc}{eps}{why}")
+            if self._estimate is not None:
+                self._left = max(0.0, self._left - trial_wall_seconds(self._estimate, record["group"], record["phase"]))
+                self._bar.set_postfix_str(f"≈ {duration(self._left)} left (estimated)", refresh=False)
             self._bar.update(1)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -294,7 +301,8 @@ def _tune_settings(pending: int) -> Iterator[None]:
         tune_log.setLevel(level)
 
 
-def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool, mirror: shared.Mirror | None = None) -> tune.Tuner:
+def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool, mirror: shared.Mirror | None = None,
+           estimate: dict[str, Any] | None = None) -> tune.Tuner:
     trainable = tune.with_resources(run_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     path = f"{state.storage_path.rstrip('/')}/{S.EXPERIMENT}"
     if tune.Tuner.can_restore(path):
@@ -322,7 +330,7 @@ def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group]
             # With shared storage, MirrorCallback deletes superseded checkpoints itself, after the snapshot that no
             # longer names them is uploaded (Tune deletes first and uploads in the background).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if mirror else 1),
-            callbacks=[SweepCallback(out, total, progress), *([MirrorCallback(mirror)] if mirror else [])],
+            callbacks=[SweepCallback(out, total, progress, estimate), *([MirrorCallback(mirror)] if mirror else [])],
             verbose=0,
         ),
     )
@@ -390,6 +398,10 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
         n_train = training_size(cfg.base.data)
         plans = plan_groups(cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
     audits.check(cfg, state.n_train if state else n_train)
+    estimate = None
+    if progress and state is None:  # the cost before paying it: the same estimate as --dry-run
+        estimate = estimate_sweep(cfg, data_shape(cfg.base.data))
+        print("\n".join(describe_sweep(estimate)), flush=True)
     started = _init_ray(address)
     try:
         slots = _cluster_slots(cfg.resources)
@@ -410,7 +422,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             state.synthetic = _generate_synthetic(cfg)
             S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
-            _tuner(cfg, out, state, groups, progress, mirror).fit()
+            _tuner(cfg, out, state, groups, progress, mirror, estimate).fit()
         records = S.read_records(out)
         for record in records:
             if record["status"] == "completed":

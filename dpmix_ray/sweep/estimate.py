@@ -94,6 +94,13 @@ def estimate_sweep(cfg: SweepConfig, shape: cost.DataShape, *, seconds: float = 
             "probes": [m.as_dict() for m in measured.values()]}
 
 
+def trial_wall_seconds(e: dict[str, Any], group: str, phase: str) -> float:
+    """One trial's share of the sweep's estimated wall time (its estimated seconds over the slots, with the overhead)."""
+    row = next((r for r in e["groups"] if r["group"] == group), None)
+    seconds = (row or {}).get("search" if phase == "search" else "final", {}).get("seconds", 0.0)
+    return seconds / e["slots"] * SWEEP_OVERHEAD
+
+
 def describe_sweep(e: dict[str, Any]) -> list[str]:
     """The human form of :func:`estimate_sweep`'s record."""
     lines = []
