@@ -127,10 +127,8 @@ def probe(cfg: TrainConfig, shape: DataShape, *, seconds: float = PROBE_SECONDS,
 
     def on_step(rep: Any) -> None:
         marks.append((rep.step, time.perf_counter()))
-        timed = marks[-1][1] - marks[0][1]
-        one_step = marks[-1][1] - (marks[-2][1] if len(marks) >= 2 else started)
-        # one timed step at least, unless the untimed first one (with setup) already took the whole allowance
-        if (len(marks) >= 2 and timed + one_step > seconds) or one_step > max(seconds, PROBE_SECONDS):
+        # one timed step at least (after the untimed first); then stop before the next would pass the allowance
+        if len(marks) >= 2 and 2 * marks[-1][1] - marks[0][1] - marks[-2][1] > seconds:
             raise _Enough
 
     try:
@@ -139,7 +137,7 @@ def probe(cfg: TrainConfig, shape: DataShape, *, seconds: float = PROBE_SECONDS,
         pass
     (first, t0), (last, t1) = marks[0], marks[-1]
     per_step = cfg.optim.batch_size * cfg.mix.group_size
-    train_ips = per_step * (last - first) / (t1 - t0) if last > first else per_step / max(1e-9, t1 - started)
+    train_ips = per_step * (last - first) / (t1 - t0)
     model = build_model(cfg.model, in_channels=shape.image_shape[0], num_classes=shape.num_classes, image_size=shape.image_shape[1]).to(device)
     images = splits.train if len(splits.train) >= 256 else random_splits(shape, 256, device, cfg.seed).train
     evaluate(model, images)

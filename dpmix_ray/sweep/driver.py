@@ -16,6 +16,7 @@ Ray is imported here, in :mod:`dpmix_ray.sweep.search`, :mod:`dpmix_ray.sweep.tr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -34,7 +35,7 @@ from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep import audits, selection
 from dpmix_ray.cost import data_shape, duration
-from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep, trial_wall_seconds
+from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep, plan_budget, trial_wall_seconds, with_trials
 from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity, plan_groups, training_size
 from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status
 from dpmix_ray.sweep.plan import Group, build_groups, check_sweep, early_stopping, final_seeds, trial_counts
@@ -309,7 +310,8 @@ def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group]
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     total = sum(state.counts.values()) + sum(final_seeds(cfg, g) for g in groups if state.counts[g.key] > 0)
     plans = {k: TrialPlan.from_dict(p) for k, p in state.plans.items()}
-    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic, n_train=state.n_train)
+    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic,
+                               n_train=state.n_train, compute=state.compute, stops=S.path(out, S.BUDGET_STOPS))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -394,14 +396,20 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     if address is None:
         _check_local_resources(cfg.resources)
     groups = build_groups(cfg)
+    estimate, compute = None, None
+    if state is None and (progress or cfg.search.budget is not None):  # the cost before paying it, as --dry-run
+        estimate = estimate_sweep(cfg, data_shape(cfg.base.data))
+        compute = plan_budget(cfg, estimate)
+        if progress:
+            print("\n".join(describe_sweep(estimate)), flush=True)
+            if compute is not None:
+                print(f"search.budget: {compute['trials_per_epsilon']} search trials per ε fit it "
+                      f"(≈ {duration(compute['estimated_seconds'])} of trials)", flush=True)
+    run_cfg = with_trials(cfg, compute["trials_per_epsilon"]) if compute is not None else cfg
     if state is None:
         n_train = training_size(cfg.base.data)
-        plans = plan_groups(cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
+        plans = plan_groups(run_cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
     audits.check(cfg, state.n_train if state else n_train)
-    estimate = None
-    if progress and state is None:  # the cost before paying it: the same estimate as --dry-run
-        estimate = estimate_sweep(cfg, data_shape(cfg.base.data))
-        print("\n".join(describe_sweep(estimate)), flush=True)
     started = _init_ray(address)
     try:
         slots = _cluster_slots(cfg.resources)
@@ -409,12 +417,12 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
         _check_storage(storage)
         if state is None:
             # The trial counts' randomness is part of the privacy mechanism: draw it from the OS, not the config seed.
-            counts = trial_counts(cfg, groups, np.random.default_rng(secrets.randbits(128)))
+            counts = trial_counts(run_cfg, groups, np.random.default_rng(secrets.randbits(128)))
             state = S.SweepState(
                 name=cfg.name, config_hash=config_hash(cfg), counts=counts, storage_path=storage, n_train=n_train,
-                plans={k: p.as_dict() for k, p in plans.items()},
+                plans={k: p.as_dict() for k, p in plans.items()}, compute=compute,
             )
-            S.write_config(out, cfg)
+            S.write_config(out, run_cfg)  # the trial mean the guarantee is about, under a budget
         else:
             state.resumes += 1
         S.write_state(out, state)
@@ -423,6 +431,9 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
             _tuner(cfg, out, state, groups, progress, mirror, estimate).fit()
+        if S.path(out, S.BUDGET_STOPS).is_file():  # search trials search.budget withheld: the sweep is complete without them
+            stops = json.loads(S.read_text(out, S.BUDGET_STOPS))
+            state.counts = {k: min(c, stops.get(k, c)) for k, c in state.counts.items()}
         records = S.read_records(out)
         for record in records:
             if record["status"] == "completed":

@@ -72,7 +72,7 @@ def estimate_sweep(cfg: SweepConfig, shape: cost.DataShape, *, seconds: float = 
         torch.set_num_threads(threads)
     rows, total = [], 0.0
     for g in groups:
-        row: dict[str, Any] = {"group": g.key, "search_trials": cfg.search.trials_per_epsilon if g.space else 1,
+        row: dict[str, Any] = {"group": g.key, "searches": bool(g.space), "search_trials": cfg.search.trials_per_epsilon if g.space else 1,
                                "final_runs": final_seeds(cfg, g), "audits": int(cfg.final.audit and methods.get(g.method).private)}
         for phase in ("search", "final"):
             spec = specs[g.key][phase]
@@ -120,3 +120,58 @@ def describe_sweep(e: dict[str, Any]) -> list[str]:
     lines.append(f"sweep: {cost.duration(e['trial_seconds'])} of trials ({e['cpu_hours']:.2f} CPU h, {e['gpu_hours']:.2f} GPU h), "
                  f"≈ {cost.duration(e['estimated_wall_seconds'])} wall at {e['slots']} trial(s) at a time")
     return lines
+
+
+# --------------------------------------------------------------------------- compute budget (search.budget)
+
+
+def budget_trial_seconds(cfg: SweepConfig) -> float | None:
+    """``search.budget`` as summed trial wall seconds (hours × 3600 ÷ the CPUs or GPUs a trial holds); None without one."""
+    b = cfg.search.budget
+    if b is None:
+        return None
+    return b.cpu_hours * 3600 / cfg.resources.cpu if b.cpu_hours is not None else b.gpu_hours * 3600 / cfg.resources.gpu
+
+
+def trials_for_budget(budget_seconds: float, *, search_seconds: float, fixed_seconds: float) -> int:
+    """The most search trials per ε that fit: ⌊(budget − fixed) / (one trial per searched group)⌋, at least 1.
+
+    ``search_seconds``: one search trial of every group that searches, summed; ``fixed_seconds``: what runs
+    whatever the count (finals, audits, groups with nothing to search). Raises ConfigError when even one does not fit."""
+    from dpmix_ray.errors import ConfigError
+
+    room = budget_seconds - fixed_seconds
+    if search_seconds <= 0:
+        return 1
+    if room < search_seconds:
+        raise ConfigError(f"search.budget: one search trial per ε and the final runs need ≈ {cost.duration(search_seconds + fixed_seconds)} "
+                          f"of trials, more than the budget's {cost.duration(budget_seconds)}")
+    return int(room // search_seconds)
+
+
+def would_overrun(budget_seconds: float, *, spent: float, committed: float) -> bool:
+    """Whether handing out more work overruns the budget: seconds already spent by trials plus the estimates of
+    what is running and promised (the next trial, and every final still to run)."""
+    return spent + committed > budget_seconds
+
+
+def plan_budget(cfg: SweepConfig, e: dict[str, Any]) -> dict[str, Any] | None:
+    """From :func:`estimate_sweep`'s record: the trials per ε that fit ``search.budget``, with what the
+    searcher needs to keep within it (per-group trial estimates). None without a budget."""
+    budget = budget_trial_seconds(cfg)
+    if budget is None:
+        return None
+    search = {r["group"]: r["search"].get("seconds", 0.0) for r in e["groups"]}
+    final = {r["group"]: r["final"].get("seconds", 0.0) for r in e["groups"]}
+    searched = [r for r in e["groups"] if r["searches"]]
+    fixed = sum((r["final_runs"] + r["audits"]) * final[r["group"]] for r in e["groups"])
+    fixed += sum(search[r["group"]] for r in e["groups"] if r not in searched)
+    n = trials_for_budget(budget, search_seconds=sum(search[r["group"]] for r in searched), fixed_seconds=fixed)
+    planned = fixed + n * sum(search[r["group"]] for r in searched)
+    return {"budget_seconds": budget, "trials_per_epsilon": n, "estimated_seconds": planned, "search": search, "final": final,
+            **{f"estimated_{k}": v for k, v in resource_hours(planned, cfg).items()}}
+
+
+def with_trials(cfg: SweepConfig, trials_per_epsilon: int) -> SweepConfig:
+    """``cfg`` with the budget's trial count (the mean of the random count under repeat_and_select)."""
+    return cfg.model_copy(update={"search": cfg.search.model_copy(update={"trials_per_epsilon": trials_per_epsilon})})
