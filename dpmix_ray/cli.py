@@ -32,10 +32,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     _print_json({k: v for k, v in result.items() if k != "config"} | {"config": result["config"]})
 
 
+_PLAN_FLAGS = ("epsilon", "delta", "sample_rate", "steps", "epochs", "noise_multiplier")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
+    if any(getattr(args, f) is not None for f in _PLAN_FLAGS):
+        if args.config is not None or args.set:
+            raise ConfigError("give either CONFIG [--set …] or the --epsilon/--delta/--sample-rate flags, not both")
+        return _plan_flags(args)
+    from dpmix_ray.config import load_train_config
+    from dpmix_ray.cost import data_shape, describe_run, estimate_run
+
+    cfg = load_train_config(args.config, args.set)
+    estimate = estimate_run(cfg, data_shape(cfg.data))
+    if not args.json:
+        print("\n".join(describe_run(estimate)), file=sys.stderr)
+    _print_json(estimate)
+
+
+def _plan_flags(args: argparse.Namespace) -> None:
+    """The calibration alone: σ (or the step count) for (ε, δ, q), no data, no model."""
     from dpmix_ray.config import privacy_config
     from dpmix_ray.privacy import calibrate_noise, epsilon_spent, max_steps, steps_for_epochs
 
+    lengths = [f for f in ("steps", "epochs", "noise_multiplier") if getattr(args, f) is not None]
+    if args.epsilon is None or args.delta is None or args.sample_rate is None or len(lengths) != 1:
+        raise ConfigError("--epsilon, --delta, --sample-rate and exactly one of --steps/--epochs/--noise-multiplier are required")
     if not 0 < args.sample_rate <= 1:
         raise ConfigError(f"--sample-rate: must be in (0, 1] (got {args.sample_rate})")
     if not args.epsilon > 0:
@@ -98,6 +120,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from dpmix_ray.sweep import run_sweep
 
     cfg = load_sweep_config(args.config, args.set)
+    if args.dry_run:
+        from dpmix_ray.cost import data_shape
+        from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep
+
+        estimate = estimate_sweep(cfg, data_shape(cfg.base.data))
+        print("\n".join(describe_sweep(estimate)), file=sys.stderr)
+        return _print_json(estimate)
     if args.storage:
         cfg = cfg.model_copy(update={"storage": args.storage})
     out = Path(args.out) if args.out else Path("results") / cfg.name
@@ -155,17 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="no progress bar or summary; only the JSON result line")
     t.set_defaults(fn=cmd_train)
 
-    pl = sub.add_parser("plan", help="calibrate σ (or the step count) for a privacy budget")
-    pl.add_argument("--epsilon", type=float, required=True)
-    pl.add_argument("--delta", type=float, required=True)
-    pl.add_argument("--sample-rate", type=float, required=True)
-    g = pl.add_mutually_exclusive_group(required=True)
+    pl = sub.add_parser("plan", help="a config's resolved recipe, work and estimated wall time (a short probe on random "
+                        "inputs; writes nothing), or with --epsilon/--delta/--sample-rate σ (or the step count) alone")
+    pl.add_argument("config", nargs="?", default=None, help="a train config (the embedded default when omitted)")
+    with_set(pl)
+    pl.add_argument("--epsilon", type=float)
+    pl.add_argument("--delta", type=float)
+    pl.add_argument("--sample-rate", type=float)
+    g = pl.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int)
     g.add_argument("--epochs", type=float)
     g.add_argument("--noise-multiplier", type=float)
     pl.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp")
     pl.add_argument("--neighbouring", choices=["zero_out", "replace_one"], default="zero_out")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="only the JSON line")
     pl.set_defaults(fn=cmd_plan)
 
     a = sub.add_parser("audit", help="one-run empirical privacy audit (a lower bound on ε) of a training config")
@@ -192,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("config")
     with_set(sw)
     sw.add_argument("--resume", action="store_true")
+    sw.add_argument("--dry-run", action="store_true", help="print every group's recipe and the estimated cost (a short probe on "
+                    "random inputs), then stop: no Ray, nothing written")
     sw.add_argument("--address", default=None, help="auto | ray://host:port (default: a local Ray)")
     sw.add_argument("--out", default=None, help="output dir (default results/<sweep name>)")
     sw.add_argument("--storage", default=None, metavar="URI",

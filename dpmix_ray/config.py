@@ -211,6 +211,19 @@ class ProxyConfig(_Strict):
     batch_size: int = Field(ge=1, description="the proxy trials' expected batch size B'; a trial whose batch is not larger runs at full size")
 
 
+class BudgetConfig(_Strict):
+    """A compute budget: summed trial wall time × the CPUs (or GPUs) each trial holds, in hours. Give one."""
+
+    cpu_hours: float | None = Field(None, gt=0.0)
+    gpu_hours: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "BudgetConfig":
+        if (self.cpu_hours is None) == (self.gpu_hours is None):
+            raise ValueError("give exactly one of cpu_hours or gpu_hours, e.g. {cpu_hours: 2}")
+        return self
+
+
 class SearchConfig(_Strict):
     sampler: Literal["tpe", "random"] = "tpe"
     trials_per_epsilon: int = Field(24, ge=1)
@@ -231,6 +244,10 @@ class SearchConfig(_Strict):
         "null = on, except under repeat_and_select"
     )
     proxy: ProxyConfig | None = Field(None, description="run search trials as cheap proxies (never released); null = full size")
+    budget: BudgetConfig | None = Field(
+        None, description="fit the sweep to a compute budget: trials_per_epsilon is planned from a throughput probe, and "
+        "(under per_trial) no search trial is handed out that would overrun it; null = trials_per_epsilon as given"
+    )
     trials_shape: float | None = Field(
         None,
         ge=0.0,
@@ -301,6 +318,13 @@ class SweepConfig(_Strict):
                 "tuning_privacy: repeat_and_select needs base.privacy.neighbouring: zero_out (no accountant here composes "
                 "replace_one with repeat-and-select)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _budget_resources(self) -> "SweepConfig":
+        b = self.search.budget
+        if b is not None and b.gpu_hours is not None and self.resources.gpu == 0:
+            raise ValueError("search.budget.gpu_hours: trials hold no GPU (resources.gpu is 0); give cpu_hours")
         return self
 
     @field_validator("epsilons")

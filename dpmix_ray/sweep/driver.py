@@ -16,6 +16,7 @@ Ray is imported here, in :mod:`dpmix_ray.sweep.search`, :mod:`dpmix_ray.sweep.tr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -33,6 +34,8 @@ from dpmix_ray.config import ResourcesConfig, SweepConfig, config_hash
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep import audits, selection
+from dpmix_ray.cost import data_shape, duration
+from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep, plan_budget, trial_wall_seconds, with_trials
 from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity, plan_groups, training_size
 from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status
 from dpmix_ray.sweep.plan import Group, build_groups, check_sweep, early_stopping, final_seeds, trial_counts
@@ -70,11 +73,13 @@ def _checkpoint_file(trial: Any, name: str) -> bytes | None:
 class SweepCallback(tune.Callback):
     """Writes every finished trial to the ledger at once, keeps each group's best model, draws the live progress view."""
 
-    def __init__(self, out: Path, total: int, progress: bool):
+    def __init__(self, out: Path, total: int, progress: bool, estimate: dict[str, Any] | None = None):
         self._out = out
         self._total = total
         self._progress = progress
         self._bar: Any = None
+        self._estimate = estimate  # estimate.estimate_sweep's record: the time left shown beside the bar
+        self._left = estimate["estimated_wall_seconds"] if estimate else None
 
     def setup(self, **info: Any) -> None:
         if self._progress:
@@ -114,6 +119,9 @@ class SweepCallback(tune.Callback):
             eps = f" ε_spent {spent:.3f}" if spent is not None else ""
             why = f" ({record['reason']})" if record.get("reason") else ""
             self._bar.write(f"{record['group']:>22} {record['phase']:6} #{record['index']:<3} {record['status']:9} {acc}{eps}{why}")
+            if self._estimate is not None:
+                self._left = max(0.0, self._left - trial_wall_seconds(self._estimate, record["group"], record["phase"]))
+                self._bar.set_postfix_str(f"≈ {duration(self._left)} left (estimated)", refresh=False)
             self._bar.update(1)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -294,14 +302,16 @@ def _tune_settings(pending: int) -> Iterator[None]:
         tune_log.setLevel(level)
 
 
-def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool, mirror: shared.Mirror | None = None) -> tune.Tuner:
+def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group], progress: bool, mirror: shared.Mirror | None = None,
+           estimate: dict[str, Any] | None = None) -> tune.Tuner:
     trainable = tune.with_resources(run_trial, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     path = f"{state.storage_path.rstrip('/')}/{S.EXPERIMENT}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     total = sum(state.counts.values()) + sum(final_seeds(cfg, g) for g in groups if state.counts[g.key] > 0)
     plans = {k: TrialPlan.from_dict(p) for k, p in state.plans.items()}
-    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic, n_train=state.n_train)
+    searcher = GroupedSearcher(cfg, groups, state.counts, S.path(out, S.OPTUNA_FILE), plans=plans, synthetic=state.synthetic,
+                               n_train=state.n_train, compute=state.compute, stops=S.path(out, S.BUDGET_STOPS))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -322,7 +332,7 @@ def _tuner(cfg: SweepConfig, out: Path, state: S.SweepState, groups: list[Group]
             # With shared storage, MirrorCallback deletes superseded checkpoints itself, after the snapshot that no
             # longer names them is uploaded (Tune deletes first and uploads in the background).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if mirror else 1),
-            callbacks=[SweepCallback(out, total, progress), *([MirrorCallback(mirror)] if mirror else [])],
+            callbacks=[SweepCallback(out, total, progress, estimate), *([MirrorCallback(mirror)] if mirror else [])],
             verbose=0,
         ),
     )
@@ -386,9 +396,19 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
     if address is None:
         _check_local_resources(cfg.resources)
     groups = build_groups(cfg)
+    estimate, compute = None, None
+    if state is None and (progress or cfg.search.budget is not None):  # the cost before paying it, as --dry-run
+        estimate = estimate_sweep(cfg, data_shape(cfg.base.data))
+        compute = plan_budget(cfg, estimate)
+        if progress:
+            print("\n".join(describe_sweep(estimate)), flush=True)
+            if compute is not None:
+                print(f"search.budget: {compute['trials_per_epsilon']} search trials per ε fit it "
+                      f"(≈ {duration(compute['estimated_seconds'])} of trials)", flush=True)
+    run_cfg = with_trials(cfg, compute["trials_per_epsilon"]) if compute is not None else cfg
     if state is None:
         n_train = training_size(cfg.base.data)
-        plans = plan_groups(cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
+        plans = plan_groups(run_cfg, groups, n_train)  # a resume keeps the stored plans: never re-planned
     audits.check(cfg, state.n_train if state else n_train)
     started = _init_ray(address)
     try:
@@ -397,12 +417,12 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
         _check_storage(storage)
         if state is None:
             # The trial counts' randomness is part of the privacy mechanism: draw it from the OS, not the config seed.
-            counts = trial_counts(cfg, groups, np.random.default_rng(secrets.randbits(128)))
+            counts = trial_counts(run_cfg, groups, np.random.default_rng(secrets.randbits(128)))
             state = S.SweepState(
                 name=cfg.name, config_hash=config_hash(cfg), counts=counts, storage_path=storage, n_train=n_train,
-                plans={k: p.as_dict() for k, p in plans.items()},
+                plans={k: p.as_dict() for k, p in plans.items()}, compute=compute,
             )
-            S.write_config(out, cfg)
+            S.write_config(out, run_cfg)  # the trial mean the guarantee is about, under a budget
         else:
             state.resumes += 1
         S.write_state(out, state)
@@ -410,7 +430,10 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             state.synthetic = _generate_synthetic(cfg)
             S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
-            _tuner(cfg, out, state, groups, progress, mirror).fit()
+            _tuner(cfg, out, state, groups, progress, mirror, estimate).fit()
+        if S.path(out, S.BUDGET_STOPS).is_file():  # search trials search.budget withheld: the sweep is complete without them
+            stops = json.loads(S.read_text(out, S.BUDGET_STOPS))
+            state.counts = {k: min(c, stops.get(k, c)) for k, c in state.counts.items()}
         records = S.read_records(out)
         for record in records:
             if record["status"] == "completed":

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import secrets
@@ -33,6 +34,7 @@ from dpmix_ray.config import SweepConfig
 from dpmix_ray.sweep import plan as P
 from dpmix_ray.sweep import selection, space
 from dpmix_ray.sweep.budget import TrialPlan, trial_spec
+from dpmix_ray.sweep.estimate import would_overrun
 from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status, is_epoch_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -92,7 +94,8 @@ class GroupedSearcher(Searcher):
 
     def __init__(
         self, cfg: SweepConfig, groups: list[P.Group], counts: dict[str, int], db: Path, *,
-        plans: dict[str, TrialPlan], synthetic: str | None, n_train: int,
+        plans: dict[str, TrialPlan], synthetic: str | None, n_train: int, compute: dict[str, Any] | None = None,
+        stops: Path | None = None,
     ):
         super().__init__(metric=METRIC, mode="max")
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
@@ -113,6 +116,11 @@ class GroupedSearcher(Searcher):
         self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> the config it was issued
         self._records: dict[str, list[dict[str, Any]]] = {k: [] for k in self._keys}  # finished search trials, per group
         self.handed_over: list[dict[str, Any]] = []  # transfers made: to, from, the source trial, the point
+        # search.budget under per_trial: no search trial is handed out that would overrun it (repeat_and_select: never
+        # stopped, the budget only set the mean count). Trial seconds so far, from the trials' reports.
+        self._compute = compute if cfg.tuning_privacy == "per_trial" else None
+        self._stops = stops
+        self._seconds: dict[str, float] = {}
         self._next = 0
         if P.warm_start(cfg):
             for g in groups:
@@ -142,6 +150,9 @@ class GroupedSearcher(Searcher):
                 return self._issue(trial_id, key, "final", self._finals[key] - 1, dict(self._best(key)["params"]))
         for shift in range(len(self._keys)):
             key = self._keys[(self._next + shift) % len(self._keys)]
+            if self._issued[key] < self._counts[key] and self._would_overrun(key):
+                self._counts[key] = self._issued[key]
+                self._write_stops()
             if self._issued[key] < self._counts[key]:
                 self._next = (self._next + shift + 1) % len(self._keys)
                 study = self._studies[key]
@@ -156,7 +167,24 @@ class GroupedSearcher(Searcher):
             return Searcher.FINISHED
         return None  # waiting for a group's search to end before its finals
 
+    def _would_overrun(self, key: str) -> bool:
+        """Whether one more search trial of ``key``, with what runs and every final still to come, overruns the budget."""
+        if self._compute is None:
+            return False
+        est = {"search": self._compute["search"], "final": self._compute["final"]}
+        running = sum(max(0.0, est[c["phase"] if c["phase"] == "search" else "final"].get(c["group"], 0.0) - self._seconds.get(t, 0.0))
+                      for t, c in self._trials.items() if t in self._open[c["group"]] or (c["phase"] == "final" and t not in self._seconds))
+        finals = sum(max(0, P.final_seeds(self._cfg, self._groups[k]) - self._finals[k]) * est["final"].get(k, 0.0) for k in self._keys)
+        return would_overrun(self._compute["budget_seconds"], spent=sum(self._seconds.values()),
+                             committed=running + finals + est["search"].get(key, 0.0))
+
+    def _write_stops(self) -> None:
+        if self._stops is not None:
+            self._stops.write_text(json.dumps(self._counts))
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if result.get("trial_seconds") is not None:
+            self._seconds[trial_id] = float(result["trial_seconds"])
         issued = self._trials[trial_id]
         study = self._studies[issued["group"]]
         if issued["phase"] == "search" and study is not None and is_epoch_report(result):

@@ -44,6 +44,7 @@ TUNE_DIR = f"{CURATOR}/tune"
 CURATOR_MODELS = f"{CURATOR}/models"
 CURATOR_REPORT = f"{CURATOR}/report.html"
 AUDIT_FILE = f"{CURATOR}/audit.jsonl"
+BUDGET_STOPS = f"{CURATOR}/budget_stops.json"
 RELEASE_TABLE = f"{RELEASE}/best_per_epsilon"  # .json, .csv, .md
 RELEASE_PLOT = f"{RELEASE}/accuracy_vs_epsilon.png"
 RELEASE_MODELS = f"{RELEASE}/models"
@@ -142,6 +143,7 @@ class SweepState:
     n_train: int
     plans: dict[str, dict[str, Any]] = field(default_factory=dict)
     synthetic: str | None = None
+    compute: dict[str, Any] | None = None  # search.budget's plan (sweep.estimate.plan_budget); the searcher keeps within it
     finished: bool = False
     resumes: int = 0
 
