@@ -108,8 +108,9 @@ def random_splits(shape: DataShape, n: int, device: torch.device, seed: int = 0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.rand(n, *shape.image_shape, generator=gen).to(device)
     y = torch.randint(0, shape.num_classes, (n,), generator=gen).to(device)
-    empty = ImageSet(x[:0], y[:0])
-    return Splits(ImageSet(x, y), empty, empty, shape.num_classes, [str(i) for i in range(shape.num_classes)], shape.hflip_safe)
+    key = torch.arange(n, dtype=torch.int64, device=device)  # random images: any distinct keys will do
+    empty = ImageSet(x[:0], y[:0], key[:0])
+    return Splits(ImageSet(x, y, key), empty, empty, shape.num_classes, [str(i) for i in range(shape.num_classes)], shape.hflip_safe)
 
 
 def probe(cfg: TrainConfig, shape: DataShape, *, seconds: float = PROBE_SECONDS, max_steps: int = PROBE_MAX_STEPS) -> Throughput:
@@ -169,6 +170,7 @@ def recipe_summary(cfg: TrainConfig, plan: Plan, shape: DataShape) -> dict[str, 
         "epsilon_target": cfg.privacy.epsilon if private else None,
         "epsilon_spent": plan.epsilon_spent if private else None, "delta": cfg.privacy.delta if private else None,
         "accountant": plan.accountant if private else None,
+        "neighbouring": plan.neighbouring if private else None,
         "images": expected_images(plan, shape.n_train, cfg.mix.group_size),
         "eval_images": evaluated_images(plan, n_val=shape.n_val, n_test=shape.n_test, ema=cfg.optim.ema is not None),
     }
@@ -202,7 +204,7 @@ def duration(seconds: float) -> str:
 
 def describe_run(e: dict[str, Any]) -> list[str]:
     """The human form of :func:`estimate_run`'s record."""
-    eps = (f"ε = {e['epsilon_spent']:.3f} ≤ {e['epsilon_target']:g}, δ = {e['delta']:g} ({e['accountant']})"
+    eps = (f"ε = {e['epsilon_spent']:.3f} ≤ {e['epsilon_target']:g}, δ = {e['delta']:g} ({e['accountant']}, {e['neighbouring']})"
            if e["epsilon_target"] is not None else "NOT PRIVATE (no ε)")
     p = e["probe"]
     return [

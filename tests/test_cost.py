@@ -15,11 +15,11 @@ from tests.test_cli import run
 
 PLAN_FIELDS = ("method", "model", "n_train", "batch_size", "sample_rate", "epochs", "steps", "noise_multiplier", "lr", "clip_norm",
                "aug_multiplicity", "self_mix", "diff_mix", "ema", "lr_schedule", "warmup", "epsilon_target", "epsilon_spent",
-               "delta", "accountant", "images", "eval_images", "estimated_seconds", "probe")
+               "delta", "accountant", "neighbouring", "images", "eval_images", "estimated_seconds", "probe")
 
 
 def test_expected_images_and_evaluations():
-    plan = Plan(noise_multiplier=1.0, sample_rate=0.1, steps=25, epochs=2.5, epsilon_spent=1.0, accountant="rdp")
+    plan = Plan(noise_multiplier=1.0, sample_rate=0.1, steps=25, epochs=2.5, epsilon_spent=1.0, accountant="rdp", neighbouring="zero_out")
     assert cost.expected_images(plan, 1000, 12) == pytest.approx(25 * 0.1 * 1000 * 12)
     # 10 steps an epoch: reports after steps 10, 20 and 25, then val + test once (twice with an EMA)
     assert cost.evaluated_images(plan, n_val=100, n_test=200, ema=False) == 3 * 100 + 300
