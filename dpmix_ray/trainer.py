@@ -6,7 +6,8 @@ loss in physical chunks, and hand them to the mechanism (``mechanism.LogicalStep
 sum, add N(0, σ²C²) once, divide by q·N). The privacy plan (σ or step count) is fixed and checked
 before the first step, and a run over budget never starts. The data live on the training device
 from the start (as uint8 codes where the pixels allow, converted per chunk): a step copies nothing
-from the host.
+from the host. The one exception is chosen in the config: with ``data.storage=mmap`` the images stay
+in their memory-mapped store and each chunk's rows are read there and copied to the device.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dpmix_ray import grads as G
 from dpmix_ray import mechanism as M
 from dpmix_ray import methods
 from dpmix_ray.config import TrainConfig, check_against_dataset
-from dpmix_ray.data import ImageSet, Splits, load_splits
+from dpmix_ray.data import Images, Splits, load_splits
 from dpmix_ray.errors import DivergedError
 from dpmix_ray.mix import SyntheticPool, assemble, draw
 from dpmix_ray.models import assert_dp_compatible, build_model
@@ -106,8 +107,9 @@ def augmentation(cfg: TrainConfig, splits: Splits) -> tuple[bool, int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, batch: int = 1024) -> float:
-    """Accuracy on ``data``, which lives on the model's device (one host sync at the end)."""
+def evaluate(model: nn.Module, data: Images, batch: int = 1024) -> float:
+    """Accuracy on ``data``, whose labels live on the model's device (one host sync at the end; a
+    stored set's images are read from its store batch by batch)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.y.device)
     for i in range(0, len(data), batch):
@@ -203,13 +205,13 @@ def fit(
 
     flip, padding = augmentation(cfg, splits)
     draw_kwargs = dict(
-        image_hw=(splits.train.x.shape[2], splits.train.x.shape[3]), k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix,
+        image_hw=splits.train.image_shape[1:], k=cfg.mix.aug_multiplicity, m=cfg.mix.self_mix,
         n=cfg.mix.diff_mix, alpha=cfg.mix.alpha, padding=padding, flip=flip, synthetic=pool,
         seed=M.derive_seed(cfg.seed, "augment"),  # public: crops, flips, λ; keyed per example and step (no state)
         same_class=cfg.mix.diff_pairing == "same_class",
     )
     source = per_example_source(model, per_example_fn)
-    chunk = examples_per_chunk(cfg, model, tuple(splits.train.x.shape[1:]))
+    chunk = examples_per_chunk(cfg, model, splits.train.image_shape)
     steps_per_epoch = max(1, round(1 / plan.sample_rate))
     perm: torch.Tensor | None = None
 
@@ -312,7 +314,7 @@ def _spent_so_far(cfg: TrainConfig, plan: Plan, steps: int) -> float:
     )
 
 
-def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, val: ImageSet, test: ImageSet, n_train: int, device: torch.device, seconds: float) -> dict[str, Any]:
+def _result(cfg: TrainConfig, plan: Plan, model: nn.Module, val: Images, test: Images, n_train: int, device: torch.device, seconds: float) -> dict[str, Any]:
     """The run's record. ``private`` and ``guarantee`` say what its ε covers; ``images_per_second`` counts
     the *expected* images, T·q·N·G (the realised count is a function of the secret Poisson masks)."""
     images = plan.steps * plan.sample_rate * n_train * cfg.mix.group_size

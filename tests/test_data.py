@@ -411,3 +411,53 @@ def test_a_set_with_other_pixel_values_stays_float():
     x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(1))
     s = data_mod.ImageSet(x, torch.zeros(4, dtype=torch.long))
     assert s.compact() is s and torch.equal(s.images(slice(1, 3)), x[1:3])
+
+
+def _store(tmp_path: Path, n: int = 300) -> Path:
+    x, y = _id_images(n)
+    data_mod.write_image_store(tmp_path / "store", (x[i : i + 128] for i in range(0, n, 128)), y, ["a", "b", "c", "d"])
+    return tmp_path / "store"
+
+
+def test_a_memory_mapped_store_splits_as_in_memory(tmp_path):
+    """Same examples, order, labels, keys and float32 pixels in every split; only rows are held."""
+    root = _store(tmp_path)
+    mem = load_splits(DataConfig(name=f"npy:{root}", limit=150))
+    mapped = load_splits(DataConfig(name=f"npy:{root}", limit=150, storage="mmap"))
+    assert isinstance(mapped.train, data_mod.StoredImageSet) and isinstance(mapped.train.store, np.memmap)
+    assert (mapped.channels, mapped.image_size, mapped.class_names) == (mem.channels, mem.image_size, mem.class_names)
+    for part in ("train", "val", "test"):
+        a, b = getattr(mem, part).compact(), getattr(mapped, part)
+        assert torch.equal(a.y, b.y) and torch.equal(a.key, b.key)
+        rows = torch.tensor([3, 0, len(b) - 1, 3])
+        assert torch.equal(a.images(rows), b.images(rows)) and torch.equal(a.images(slice(1, 9)), b.images(slice(1, 9)))
+    assert torch.equal(mem.train.x, mapped.train.images(slice(None)))
+
+
+def test_a_corrupt_or_missing_store_is_one_line_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such image store directory"):
+        load_splits(DataConfig(name=f"npy:{tmp_path / 'nothing'}", storage="mmap"))
+    root = _store(tmp_path)
+    data = (root / "x.npy").read_bytes()
+    (root / "x.npy").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(DataError, match="not a readable image store") as err:
+        load_splits(DataConfig(name=f"npy:{root}", storage="mmap"))
+    assert "\n" not in str(err.value)
+    (root / "x.npy").write_bytes(b"not an npy file at all")
+    with pytest.raises(DataError, match="not a readable image store"):
+        load_splits(DataConfig(name=f"npy:{root}", storage="mmap"))
+    (root / "x.npy").write_bytes(data)
+    (root / "y.npy").unlink()
+    with pytest.raises(DataError, match="not a readable image store"):
+        load_splits(DataConfig(name=f"npy:{root}", storage="mmap"))
+    np.save(root / "y.npy", np.arange(5) % 4)
+    with pytest.raises(DataError, match="300 images but 5 labels"):
+        load_splits(DataConfig(name=f"npy:{root}", storage="mmap"))
+    with pytest.raises(DataError, match="already exists"):
+        data_mod.write_image_store(root, [], np.arange(0), ["a"])
+
+
+def test_mmap_storage_needs_a_store():
+    with pytest.raises(ValueError, match="data.storage: mmap reads an image store"):
+        DataConfig(name="digits", storage="mmap")
+    assert DataConfig().storage == "memory"

@@ -255,3 +255,36 @@ def test_uint8_data_on_the_device_train_bit_identically_to_float(digits, monkeyp
         assert compact[0].result[key] == compact[1].result[key] == plain.result[key], key
     for name, p in plain.model.state_dict().items():  # the trained weights, bit for bit
         assert all(torch.equal(f.model.state_dict()[name], p) for f in compact), name
+
+
+def test_a_memory_mapped_store_trains_bit_identically_to_memory(tmp_path, monkeypatch):
+    """``data.storage=mmap`` reads each chunk from the store: a reproducible run draws the same Poisson
+    samples and ends with the same weights and accuracies as the in-memory run of the same store."""
+    from sklearn.datasets import load_digits
+
+    from dpmix_ray import mechanism as M
+    from dpmix_ray.data import StoredImageSet, write_image_store
+
+    d = load_digits()
+    images = np.rint(d.images * (255 / 16)).astype(np.uint8)[:, None]
+    write_image_store(tmp_path / "store", [images[:1000], images[1000:]], d.target, [str(c) for c in range(10)])
+    sampled: list[list[torch.Tensor]] = []
+    poisson = M.poisson_sample
+    monkeypatch.setattr(M, "poisson_sample", lambda *a: sampled[-1].append(poisson(*a)) or sampled[-1][-1])
+
+    def run(storage: str) -> T.Fitted:
+        sampled.append([])
+        cfg = load_train_config(None, TINY + [f"data.name=npy:{tmp_path / 'store'}", f"data.storage={storage}", "optim.epochs=0.3",
+                                              "privacy.epsilon=8", "privacy.reproducible=true", "optim.physical_batch_size=15"])
+        return T.fit(cfg, progress=False)
+
+    read = []
+    images_of = StoredImageSet.images
+    monkeypatch.setattr(StoredImageSet, "images", lambda self, rows: read.append(1) or images_of(self, rows))
+    memory, mapped = run("memory"), run("mmap")
+    assert read and len(sampled[0]) == len(sampled[1]) == memory.result["steps"] > 1
+    assert all(torch.equal(a, b) for a, b in zip(*sampled))
+    for key in ("val_accuracy", "test_accuracy", "n_train", "noise_multiplier"):
+        assert memory.result[key] == mapped.result[key], key
+    for name, p in memory.model.state_dict().items():
+        assert torch.equal(mapped.model.state_dict()[name], p), name
