@@ -5,7 +5,7 @@ import pytest
 from dpmix_ray.config import SweepConfig
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import estimate as E
-from tests.test_cli import assert_one_line_error, run
+from test_cli import assert_one_line_error, run
 
 
 def sweep(**search) -> SweepConfig:

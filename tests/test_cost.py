@@ -11,7 +11,7 @@ from dpmix_ray import cost
 from dpmix_ray.config import TrainConfig, load_train_config
 from dpmix_ray.privacy import Plan
 from dpmix_ray.recipe import resolve
-from tests.test_cli import run
+from test_cli import run
 
 PLAN_FIELDS = ("method", "model", "n_train", "batch_size", "sample_rate", "epochs", "steps", "noise_multiplier", "lr", "clip_norm",
                "aug_multiplicity", "self_mix", "diff_mix", "ema", "lr_schedule", "warmup", "epsilon_target", "epsilon_spent",
@@ -83,6 +83,6 @@ def test_plan_config_prints_every_field_and_writes_nothing(tmp_path):
 
 
 def test_plan_refuses_config_and_flags_together():
-    from tests.test_cli import assert_one_line_error
+    from test_cli import assert_one_line_error
 
     assert_one_line_error(run("plan", "c.yaml", "--epsilon", "2"), "not both")
