@@ -74,13 +74,18 @@ def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
     if steps <= 0:
         return 0.0
     if accountant == "pld":
-        acc = pld.PLDAccountant(DP_ACCOUNTING_RELATION[neighbouring], value_discretization_interval=PLD_INTERVAL)
+        acc = _pld_accountant(neighbouring)
         acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps))
         return float(acc.get_epsilon(delta))
     _check_relation(accountant, neighbouring)
     acc = create_accountant(mechanism=accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
+
+
+def _pld_accountant(neighbouring: str) -> pld.PLDAccountant:
+    """dp_accounting's PLD accountant for ``neighbouring`` datasets: single runs and release/'s composition alike."""
+    return pld.PLDAccountant(DP_ACCOUNTING_RELATION[neighbouring], value_discretization_interval=PLD_INTERVAL)
 
 
 def _check_relation(accountant: str, neighbouring: str) -> None:
@@ -326,7 +331,7 @@ def composed_epsilon(events: Sequence[dp_event.DpEvent], delta: float, neighbour
     if not events:
         return 0.0
     if neighbouring == "replace_one":
-        acc = pld.PLDAccountant(DP_ACCOUNTING_RELATION[neighbouring], value_discretization_interval=PLD_INTERVAL)
+        acc = _pld_accountant(neighbouring)
     else:
         acc = _tuning_accountant()
     for event in events:
