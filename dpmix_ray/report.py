@@ -28,6 +28,7 @@ from dpmix_ray.config import SweepConfig, TrainConfig
 from dpmix_ray.errors import ConfigError
 from dpmix_ray.privacy import Plan, composed_epsilon, dpsgd_event, pin_plan, repeat_and_select_event
 from dpmix_ray.sweep import claims, selection
+from dpmix_ray.sweep import estimate as E
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep.budget import TrialPlan
 from dpmix_ray.sweep.plan import Group, build_groups, count_shape, uses_tuning_calibration
@@ -367,13 +368,40 @@ def _progress_plot(cfg: SweepConfig, records: list[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
+def _compute_plot(cfg: SweepConfig, records: list[dict[str, Any]]) -> bytes:
+    """Curator only: every trial's selection score against what it cost (its wall seconds × the CPUs or GPUs it held),
+    so a recipe that buys its accuracy with K× the compute shows beside one that spends it on steps."""
+    unit = "GPU" if cfg.resources.gpu > 0 else "CPU"
+    per = cfg.resources.gpu if cfg.resources.gpu > 0 else cfg.resources.cpu
+    fig, ax = _pyplot().subplots(figsize=(6.4, 4.2), dpi=110)
+    done = [r for r in records if r.get("score") is not None and r.get("trial_seconds")]
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in done))}
+    for method, colour in colours.items():
+        for phase, marker in (("search", "o"), ("final", "s")):
+            mine = [r for r in done if r["method"] == method and (r["phase"] == "search") == (phase == "search")]
+            for proxy in (False, True):
+                pts = [r for r in mine if bool(r.get("proxy")) == proxy]
+                if pts:
+                    ax.scatter([r["trial_seconds"] * per / 3600 for r in pts], [r["score"] for r in pts], s=22, marker=marker,
+                               facecolors="none" if proxy else colour, edgecolors=colour, alpha=0.8,
+                               label=f"{method} {phase}{' (proxy)' if proxy else ''}")
+    title = "every trial: selection score vs compute"
+    ax.set_title(f"{claims.NOT_PRIVATE}: {title}" if claims.reproducible(cfg) else title, fontsize=9)
+    ax.set_xlabel(f"{unit} hours (trial wall × {unit}s held)", fontsize=8)
+    ax.set_ylabel("selection score (validation)", fontsize=8)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _file_guide() -> str:
     return "".join(f"<li><code>{html.escape(name)}</code>: {html.escape(what)}</li>" for name, what in S.FILES.items())
 
 
 def _html(cfg: SweepConfig, statement: str, composed: str, tables: dict[str, pd.DataFrame], trials: pd.DataFrame, plot: bytes,
-          progress: bytes, out: Path, notes: list[str]) -> str:
-    img, curve = base64.b64encode(plot).decode(), base64.b64encode(progress).decode()
+          progress: bytes, spend: bytes, out: Path, notes: list[str]) -> str:
+    img, curve, spent = (base64.b64encode(b).decode() for b in (plot, progress, spend))
     shown = [c for c in ("group", "phase", "index", "covers", "status", "reason", "score", "val_accuracy", "test_accuracy", "epsilon_spent",
                          "trial_epsilon", "search_epsilon", "noise_multiplier", "steps", "trial_seconds", "params") if c in trials]
     style = (
@@ -397,6 +425,8 @@ def _html(cfg: SweepConfig, statement: str, composed: str, tables: dict[str, pd.
         + f"<p><img alt='test accuracy vs epsilon' src='data:image/png;base64,{img}'></p>"
         + "<h2>Curator only: the search, best score so far</h2>"
         + f"<p><img alt='best selection score so far vs search seconds' src='data:image/png;base64,{curve}'></p>"
+        + "<h2>Curator only: what each trial's compute bought</h2>"
+        + f"<p><img alt='selection score vs compute, every trial' src='data:image/png;base64,{spent}'></p>"
         + "<h2>Curator only: all trials</h2>"
         + trials[shown].to_html(index=False, escape=True, na_rep="–", float_format=lambda v: f"{v:.4g}")
         + f"<h2>Sweep config</h2><pre>{html.escape(S.read_text(out, S.CONFIG_FILE))}</pre>"
@@ -465,19 +495,20 @@ def build_report(out_dir: Path) -> None:
     files = _release_files(cfg, out, pairs, statement, composed, notes, state)
     published = _publish(cfg, out, state, files)
 
-    trials = trials_frame(cfg, records)
+    trials, audits = trials_frame(cfg, records), S.read_audits(out)
     S.write_file(out, S.TRIALS_TABLE, trials.to_parquet(index=False))
     public = [released(cfg, r) for _, r in pairs]
     tables = {
         f"Released: best recipe per ε ({S.RELEASE_TABLE}.*)": _release_table(cfg, public),
         "Released: the recipes": _recipe_table(public),
         "Curator only: the non-private reference": _release_table(cfg, [r for g, r in zip(groups, rows) if not methods.get(g.method).private]),
-        "Curator only: counts, selected trial, re-runs": _curator_table(rows, S.read_audits(out)),
+        "Curator only: counts, selected trial, re-runs": _curator_table(rows, audits),
+        "Curator only: compute": pd.DataFrame(E.compute_rows(cfg, state.compute, state.estimate, E.spent(cfg, records, audits))),
     }
     audit_note = claims.audit_note(cfg)
     extra = [n for n in (published, audit_note) if n]
     S.write_file(out, S.CURATOR_REPORT, _html(cfg, statement, composed, tables, trials, _plot(cfg, rows, state.n_train, composed),
-                                              _progress_plot(cfg, records), out, notes + extra))
+                                              _progress_plot(cfg, records), _compute_plot(cfg, records), out, notes + extra))
 
 
 def summary_table(out_dir: Path) -> str:

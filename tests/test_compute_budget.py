@@ -1,5 +1,7 @@
 """search.budget: the arithmetic that fits a sweep to a compute budget (pure), and its config refusals."""
 
+import json
+
 import pytest
 
 from dpmix_ray.config import SweepConfig
@@ -59,3 +61,57 @@ def test_bad_budget_is_one_line_exit_2(tmp_path, budget, pattern):
     before = set(tmp_path.iterdir())
     assert_one_line_error(run("sweep", str(tmp_path / "s.yaml"), "--dry-run", cwd=tmp_path), pattern)
     assert set(tmp_path.iterdir()) == before
+
+
+def _run_sequentially(tmp_path, monkeypatch, *, speed: float, planned: int) -> tuple[list[dict], float, dict]:
+    """Drive the searcher as one trial slot would, each trial taking ``speed`` × the probe's estimate; returns the
+    issued specs, the seconds spent and the compute plan."""
+    from ray.tune.utils import flatten_dict
+
+    from dpmix_ray.sweep import budget as B
+    from dpmix_ray.sweep import plan as P
+    from dpmix_ray.sweep.outcome import Outcome
+    from dpmix_ray.sweep.search import GroupedSearcher
+
+    monkeypatch.setattr(B, "training_size", lambda data: 1000)
+    cfg = SweepConfig.model_validate({
+        "base": {"data": {"name": "digits", "limit": 1000}, "model": {"name": "cnn_tiny"}, "mix": {"aug_multiplicity": 2, "self_mix": 1},
+                 "optim": {"batch_size": 256, "epochs": 4, "lr": 1.0}, "device": "cpu"},
+        "epsilons": [2, 8], "delta": 1e-4, "space": {"optim.lr": {"loguniform": [0.5, 2.0]}}, "final": {"seeds": 2},
+        "search": {"sampler": "random", "trials_per_epsilon": planned, "seed": 0}})
+    groups = P.build_groups(cfg)
+    probe = {"search": {g.key: 10.0 for g in groups}, "final": {g.key: 30.0 for g in groups}}
+    budget = planned * 2 * 10.0 + 2 * 2 * 30.0  # the plan's count fits it exactly at the probe's speed
+    compute = {"budget_seconds": budget, "trials_per_epsilon": planned, **probe}
+    s = GroupedSearcher(cfg, groups, {g.key: planned for g in groups}, tmp_path / "o.db", plans={}, synthetic=None, n_train=1000,
+                        compute=compute, stops=tmp_path / "stops.json")
+    specs, spent = [], 0.0
+    for i in range(200):
+        spec = s.suggest(f"t{i}")
+        if not isinstance(spec, dict):
+            break
+        took = speed * probe[spec["phase"]][spec["group"]]
+        spent += took
+        record = B.identity(spec) | {"status": "completed", "score": 0.5, "val_accuracy": 0.5, "trial_seconds": took}
+        s.on_trial_complete(f"t{i}", flatten_dict(Outcome.of_record(record).as_result()))
+        specs.append(spec)
+    return specs, spent, compute
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.0, 1.3])
+def test_searcher_fills_but_never_overruns_the_budget(tmp_path, monkeypatch, speed):
+    """Trials faster than the probe said: more search trials than planned; slower: fewer. Either way the sweep spends
+    0.8–1.0 of the budget (one slot, so no trial is in flight when the next is handed out) and every final runs."""
+    specs, spent, compute = _run_sequentially(tmp_path, monkeypatch, speed=speed, planned=4)
+    search = [s for s in specs if s["phase"] == "search"]
+    assert sum(s["phase"] == "final" for s in specs) == 4  # 2 seeds × 2 ε, never given up for search trials
+    assert 0.8 <= spent / compute["budget_seconds"] <= 1.0, spent
+    if speed < 1:
+        assert len(search) > 8
+    elif speed > 1:
+        assert len(search) < 8
+    else:
+        assert len(search) == 8
+    stops = json.loads((tmp_path / "stops.json").read_text()) if speed != 1.0 else None
+    if stops is not None:  # what the driver reads back as the sweep's trial counts
+        assert sum(stops.values()) == len(search)

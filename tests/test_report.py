@@ -219,3 +219,32 @@ def test_proxy_trials_are_labelled_everywhere_and_never_released(tmp_path: Path)
     assert not trials[trials.phase == "final"].proxy.fillna(False).any()
     page = S.read_text(tmp_path, S.CURATOR_REPORT)
     assert "PROXY: outside" in page and "best score so far" in page and "proxy trials (not covered)" in page
+
+
+def test_curator_report_sets_spent_compute_beside_the_estimate_and_the_budget(tmp_path: Path) -> None:
+    """Spent = Σ trial seconds (every record, and final.audit runs) × the CPUs a trial holds; the budget's plan and the
+    estimate made before the run are set beside it, and none of it reaches release/."""
+    from dpmix_ray.sweep import estimate as E
+
+    records = _records()
+    cfg = _write_sweep(tmp_path, records, resources={"cpu": 2, "gpu": 0}, search={"trials_per_epsilon": 3, "budget": {"cpu_hours": 0.05}})
+    S.add_audit(tmp_path, {"group": "dpmix_self@eps=1", "trial_seconds": 20.0, "epsilon_lower_bound": 0.1, "correct": 3, "guesses": 4,
+                           "setting": "white-box", "estimator": "fdp", "epsilon": 0.99})
+    used = E.spent(cfg, S.read_records(tmp_path), S.read_audits(tmp_path))
+    assert used["trial_seconds"] == pytest.approx(9.5 * len(S.read_records(tmp_path)) + 20.0)  # one record per slot (its seconds span resumes)
+    assert used["cpu_hours"] == pytest.approx(used["trial_seconds"] * 2 / 3600)
+    state = S.read_state(tmp_path)
+    state.compute = {"budget_seconds": 90.0, "trials_per_epsilon": 3, "estimated_seconds": 80.0, "estimated_cpu_hours": 80 * 2 / 3600,
+                     "estimated_gpu_hours": 0.0, "search": {}, "final": {}}
+    S.write_state(tmp_path, state)
+    build_report(tmp_path)
+    page = S.read_text(tmp_path, S.CURATOR_REPORT)
+    section = page.split("Curator only: compute")[1].split("</table>")[0]
+    assert f"{used['trial_seconds'] / 90.0:.2f}" in section and f"{used['cpu_hours']:.3f}" in section  # spent ÷ budget, CPU h
+    assert "search.budget" in section and "planned for it (3 search trials per ε)" in section
+    assert "selection score vs compute" in page
+    assert not any("compute" in S.read_text(tmp_path, f"{S.RELEASE}/{f}") for f in ("best_per_epsilon.md", "best_per_epsilon.json"))
+
+    rows = E.compute_rows(cfg, None, {"trial_seconds": 200.0, "cpu_hours": 0.11, "gpu_hours": 0.0, "estimated_wall_seconds": 110.0},
+                          {"trial_seconds": 100.0, "cpu_hours": 0.055, "gpu_hours": 0.0})
+    assert [r["spent ÷ this"] for r in rows] == ["0.50", "–"]

@@ -68,7 +68,9 @@ def _run_audit(train_json: str, canaries: int, guesses: int | None) -> dict[str,
     """The Ray task: one audited run (imports the trainer on the worker only)."""
     from dpmix_ray.audit import run_audit
 
-    return run_audit(TrainConfig.model_validate_json(train_json), canaries=canaries, guesses=guesses, progress=False)
+    start = time.perf_counter()
+    result = run_audit(TrainConfig.model_validate_json(train_json), canaries=canaries, guesses=guesses, progress=False)
+    return result | {"trial_seconds": time.perf_counter() - start}  # counted against search.budget like a trial's
 
 
 def _say(line: dict[str, Any]) -> str:

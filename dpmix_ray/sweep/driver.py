@@ -35,7 +35,7 @@ from dpmix_ray.errors import ConfigError
 from dpmix_ray.sweep import state as S
 from dpmix_ray.sweep import audits, selection
 from dpmix_ray.cost import data_shape, duration
-from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep, plan_budget, trial_wall_seconds, with_trials
+from dpmix_ray.sweep.estimate import describe_sweep, estimate_sweep, estimate_summary, plan_budget, trial_wall_seconds, with_trials
 from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity, plan_groups, training_size
 from dpmix_ray.sweep.outcome import METRIC, PROGRESS, Outcome, Status
 from dpmix_ray.sweep.plan import Group, build_groups, check_sweep, early_stopping, final_seeds, trial_counts
@@ -421,6 +421,7 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             state = S.SweepState(
                 name=cfg.name, config_hash=config_hash(cfg), counts=counts, storage_path=storage, n_train=n_train,
                 plans={k: p.as_dict() for k, p in plans.items()}, compute=compute,
+                estimate=estimate_summary(estimate) if estimate is not None and compute is None else None,  # a budget's plan has its own
             )
             S.write_config(out, run_cfg)  # the trial mean the guarantee is about, under a budget
         else:
@@ -431,9 +432,9 @@ def run_sweep(cfg: SweepConfig, *, out: Path, resume: bool = False, address: str
             S.write_state(out, state)
         with _tune_settings(max(1, cfg.search.max_concurrent or slots)):
             _tuner(cfg, out, state, groups, progress, mirror, estimate).fit()
-        if S.path(out, S.BUDGET_STOPS).is_file():  # search trials search.budget withheld: the sweep is complete without them
+        if S.path(out, S.BUDGET_STOPS).is_file():  # per_trial search.budget: the counts it cut or extended are the sweep's
             stops = json.loads(S.read_text(out, S.BUDGET_STOPS))
-            state.counts = {k: min(c, stops.get(k, c)) for k, c in state.counts.items()}
+            state.counts = {k: stops.get(k, c) for k, c in state.counts.items()}
         records = S.read_records(out)
         for record in records:
             if record["status"] == "completed":

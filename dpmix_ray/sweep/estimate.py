@@ -175,3 +175,38 @@ def plan_budget(cfg: SweepConfig, e: dict[str, Any]) -> dict[str, Any] | None:
 def with_trials(cfg: SweepConfig, trials_per_epsilon: int) -> SweepConfig:
     """``cfg`` with the budget's trial count (the mean of the random count under repeat_and_select)."""
     return cfg.model_copy(update={"search": cfg.search.model_copy(update={"trials_per_epsilon": trials_per_epsilon})})
+
+
+def estimate_summary(e: dict[str, Any]) -> dict[str, float]:
+    """What the sweep state keeps of :func:`estimate_sweep`'s record, so the report can set it beside what was spent."""
+    return {k: e[k] for k in ("trial_seconds", "cpu_hours", "gpu_hours", "estimated_wall_seconds")}
+
+
+def spent(cfg: SweepConfig, records: list[dict[str, Any]], audits: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What the sweep has spent, counted as ``search.budget`` counts: Σ trial wall seconds (every trial and final.audit
+    run, across resumes) and those seconds × the CPUs / GPUs each held, in hours."""
+    seconds = sum(float(r.get("trial_seconds") or 0.0) for r in records) + sum(float(a.get("trial_seconds") or 0.0) for a in audits.values())
+    return {"trial_seconds": seconds, **resource_hours(seconds, cfg)}
+
+
+def compute_rows(cfg: SweepConfig, planned: dict[str, Any] | None, estimated: dict[str, Any] | None,
+                 used: dict[str, float]) -> list[dict[str, str]]:
+    """The curator's compute table: the budget (if any), the estimate made before the run, and what was spent."""
+    unit = "gpu_hours" if cfg.resources.gpu > 0 else "cpu_hours"
+    label = unit.replace("_hours", "").upper() + " h"
+
+    def row(what: str, seconds: float | None, hours: float | None, ratio: str = "–") -> dict[str, str]:
+        return {"": what, "trial time": "–" if seconds is None else cost.duration(seconds),
+                label: "–" if hours is None else f"{hours:.3f}", "spent ÷ this": ratio}
+
+    rows = []
+    if planned is not None:
+        budget_hours = resource_hours(planned["budget_seconds"], cfg)[unit]
+        rows.append(row("search.budget", planned["budget_seconds"], budget_hours, f"{used['trial_seconds'] / planned['budget_seconds']:.2f}"))
+        rows.append(row(f"planned for it ({planned['trials_per_epsilon']} search trials per ε)", planned["estimated_seconds"],
+                        planned[f"estimated_{unit}"], f"{used['trial_seconds'] / planned['estimated_seconds']:.2f}"))
+    if estimated is not None:
+        rows.append(row("estimated before the run (throughput probe)", estimated["trial_seconds"], estimated[unit],
+                        f"{used['trial_seconds'] / estimated['trial_seconds']:.2f}" if estimated["trial_seconds"] > 0 else "–"))
+    rows.append(row("spent (trials, finals, audits)", used["trial_seconds"], used[unit]))
+    return rows

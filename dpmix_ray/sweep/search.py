@@ -116,11 +116,14 @@ class GroupedSearcher(Searcher):
         self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> the config it was issued
         self._records: dict[str, list[dict[str, Any]]] = {k: [] for k in self._keys}  # finished search trials, per group
         self.handed_over: list[dict[str, Any]] = []  # transfers made: to, from, the source trial, the point
-        # search.budget under per_trial: no search trial is handed out that would overrun it (repeat_and_select: never
-        # stopped, the budget only set the mean count). Trial seconds so far, from the trials' reports.
+        # search.budget under per_trial: search trials are handed out while they fit it, beyond the planned count when
+        # trials run faster than the probe said, and never one that would overrun it (repeat_and_select: the budget only
+        # set the mean count, never changed). Trial seconds so far, from the trials' reports.
         self._compute = compute if cfg.tuning_privacy == "per_trial" else None
         self._stops = stops
         self._seconds: dict[str, float] = {}
+        self._ended: set[str] = set()  # trials (search and final) that have ended
+        self._took: dict[str, float] = {}  # the seconds of those that completed (the probe's estimate is scaled by them)
         self._next = 0
         if P.warm_start(cfg):
             for g in groups:
@@ -144,39 +147,62 @@ class GroupedSearcher(Searcher):
         return config
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        for key in self._keys:  # finals first: they complete a row of the table
-            if self._search_over(key) and self._finals[key] < self._finals_wanted(key):
+        for key in self._keys:  # search.budget: a planned trial that would overrun it is not handed out
+            if self._issued[key] < self._counts[key] and self._would_overrun(key):
+                self._counts[key] = self._issued[key]
+                self._write_stops()
+        for key in self._keys:  # finals first: they complete a row of the table (once the budget has no room for more search)
+            if self._search_over(key) and self._finals[key] < self._finals_wanted(key) and not self._room_for_more(key):
                 self._finals[key] += 1
                 return self._issue(trial_id, key, "final", self._finals[key] - 1, dict(self._best(key)["params"]))
         for shift in range(len(self._keys)):
             key = self._keys[(self._next + shift) % len(self._keys)]
-            if self._issued[key] < self._counts[key] and self._would_overrun(key):
-                self._counts[key] = self._issued[key]
-                self._write_stops()
             if self._issued[key] < self._counts[key]:
-                self._next = (self._next + shift + 1) % len(self._keys)
-                study = self._studies[key]
-                params = study.suggest(trial_id) if study is not None else {}
-                self._issued[key] += 1
-                self._open[key].add(trial_id)
-                spec = self._issue(trial_id, key, "search", self._issued[key] - 1, params)
-                if study is not None:
-                    study.label(trial_id, spec)
-                return spec
+                return self._search_trial(trial_id, key, shift)
+        for shift in range(len(self._keys)):  # every planned trial is out: more while the budget has room for them
+            key = self._keys[(self._next + shift) % len(self._keys)]
+            if self._room_for_more(key):
+                self._counts[key] += 1
+                self._write_stops()
+                return self._search_trial(trial_id, key, shift)
         if all(self._search_over(k) and self._finals[k] >= self._finals_wanted(k) for k in self._keys):
             return Searcher.FINISHED
         return None  # waiting for a group's search to end before its finals
+
+    def _room_for_more(self, key: str) -> bool:
+        """Under search.budget (per_trial): one search trial beyond ``key``'s count fits, and its finals have not begun."""
+        return (self._compute is not None and self._studies[key] is not None and self._issued[key] >= self._counts[key] > 0
+                and self._finals[key] == 0 and not self._would_overrun(key))
+
+    def _search_trial(self, trial_id: str, key: str, shift: int) -> dict[str, Any]:
+        self._next = (self._next + shift + 1) % len(self._keys)
+        study = self._studies[key]
+        params = study.suggest(trial_id) if study is not None else {}
+        self._issued[key] += 1
+        self._open[key].add(trial_id)
+        spec = self._issue(trial_id, key, "search", self._issued[key] - 1, params)
+        if study is not None:
+            study.label(trial_id, spec)
+        return spec
+
+    def _probe_seconds(self, phase: str, key: str) -> float:
+        return self._compute["search" if phase == "search" else "final"].get(key, 0.0)
+
+    def _estimate(self, phase: str, key: str) -> float:
+        """One trial's seconds: the probe's estimate, times what the ended trials took over their own estimates."""
+        took = sum(self._took.values())
+        said = sum(self._probe_seconds(self._trials[t]["phase"], self._trials[t]["group"]) for t in self._took)
+        return self._probe_seconds(phase, key) * (took / said if took > 0 and said > 0 else 1.0)
 
     def _would_overrun(self, key: str) -> bool:
         """Whether one more search trial of ``key``, with what runs and every final still to come, overruns the budget."""
         if self._compute is None:
             return False
-        est = {"search": self._compute["search"], "final": self._compute["final"]}
-        running = sum(max(0.0, est[c["phase"] if c["phase"] == "search" else "final"].get(c["group"], 0.0) - self._seconds.get(t, 0.0))
-                      for t, c in self._trials.items() if t in self._open[c["group"]] or (c["phase"] == "final" and t not in self._seconds))
-        finals = sum(max(0, P.final_seeds(self._cfg, self._groups[k]) - self._finals[k]) * est["final"].get(k, 0.0) for k in self._keys)
+        running = sum(max(0.0, self._estimate(c["phase"], c["group"]) - self._seconds.get(t, 0.0))
+                      for t, c in self._trials.items() if t not in self._ended)
+        finals = sum(max(0, P.final_seeds(self._cfg, self._groups[k]) - self._finals[k]) * self._estimate("final", k) for k in self._keys)
         return would_overrun(self._compute["budget_seconds"], spent=sum(self._seconds.values()),
-                             committed=running + finals + est["search"].get(key, 0.0))
+                             committed=running + finals + self._estimate("search", key))
 
     def _write_stops(self) -> None:
         if self._stops is not None:
@@ -194,6 +220,13 @@ class GroupedSearcher(Searcher):
                 pass
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        ended = Outcome.of(result)
+        seconds = (result or {}).get("record/trial_seconds", (ended.record or {}).get("trial_seconds") if ended else None)
+        if seconds is not None:
+            self._seconds[trial_id] = float(seconds)
+            if ended is not None and ended.status is Status.COMPLETED:
+                self._took[trial_id] = self._seconds[trial_id]
+        self._ended.add(trial_id)
         issued = self._trials[trial_id]
         key = issued["group"]
         if issued["phase"] != "search":

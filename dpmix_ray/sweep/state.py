@@ -144,6 +144,7 @@ class SweepState:
     plans: dict[str, dict[str, Any]] = field(default_factory=dict)
     synthetic: str | None = None
     compute: dict[str, Any] | None = None  # search.budget's plan (sweep.estimate.plan_budget); the searcher keeps within it
+    estimate: dict[str, Any] | None = None  # the cost estimated before the run (sweep.estimate.estimate_summary), for the report
     finished: bool = False
     resumes: int = 0
 
