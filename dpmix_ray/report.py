@@ -43,7 +43,7 @@ _TRIAL_COLUMNS = (
 _RELEASED = (
     "method", "epsilon", "delta", "private", "covers", "guarantee", "n_train", "hyperparameters", "recipe", "released_run",
     "val_accuracy", "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs", "accountant", "trial_epsilon",
-    "search_epsilon", "row_epsilon", "release_epsilon", "release_guarantee", "model", "recipe_file",
+    "search_epsilon", "row_epsilon", "release_epsilon", "release_guarantee", "model", "recipe_file", "best_at_epsilon",
 )
 # A released config never says which trial it was: under repeat_and_select a seed (base.seed + index) would reveal
 # the winner's index J, and so that the trial count K > J.
@@ -144,7 +144,7 @@ def _row(cfg: SweepConfig, g: Group, records: list[dict[str, Any]], state: S.Swe
         **{k: out.get(k) for k in ("val_accuracy", "test_accuracy", "noise_multiplier", "sample_rate", "steps", "epochs",
                                    "accountant", "trial_epsilon", "search_epsilon")},
         "events": events, "row_epsilon": composed_epsilon(events, cfg.delta, cfg.base.privacy.neighbouring) if events else None,
-        "release_epsilon": None, "release_guarantee": None, "model": None, "recipe_file": None,
+        "release_epsilon": None, "release_guarantee": None, "model": None, "recipe_file": None, "best_at_epsilon": False,
         "rerun_test_mean": statistics.fmean(tests) if tests else None,
         "rerun_test_sd": statistics.stdev(tests) if len(tests) > 1 else None,
         "reruns": len(tests),
@@ -154,6 +154,16 @@ def _row(cfg: SweepConfig, g: Group, records: list[dict[str, Any]], state: S.Swe
         "best_trial": best.get("index"), "best_score": best.get("score"),
         "released_phase": out.get("phase"), "released_index": out.get("index"), "config": out.get("config"),
     }
+
+
+def mark_best_methods(rows: list[dict[str, Any]]) -> None:
+    """Per ε, the private row with the highest released validation accuracy is the best method there (``best_at_epsilon``).
+
+    It reads only numbers release/ publishes, so choosing it is post-processing of the release: it costs no ε."""
+    for eps in dict.fromkeys(r["epsilon"] for r in rows):
+        scored = [r for r in rows if r["epsilon"] == eps and r["val_accuracy"] is not None]
+        for r in scored:
+            r["best_at_epsilon"] = r is max(scored, key=lambda x: x["val_accuracy"])
 
 
 def released(cfg: SweepConfig, row: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +236,8 @@ def _release_table(cfg: SweepConfig, rows: list[dict[str, Any]]) -> pd.DataFrame
     out = []
     for r in rows:
         row = {
-            "method": r["method"], "ε": _fmt(r["epsilon"]), "δ": _fmt(r["delta"]), "ε covers": r["covers"],
+            "method": r["method"], "best at ε": "★" if r["best_at_epsilon"] else "", "ε": _fmt(r["epsilon"]), "δ": _fmt(r["delta"]),
+            "ε covers": r["covers"],
             "val acc": _fmt(r["val_accuracy"]), "test acc (released model)": _fmt(r["test_accuracy"]),
         }
         if reruns_released(cfg):
@@ -489,6 +500,7 @@ def build_report(out_dir: Path) -> None:
     composed = claims.composed(cfg, release_eps, state.n_train)
     for _, row in pairs:
         row |= {"release_epsilon": None if claims.reproducible(cfg) else release_eps, "release_guarantee": composed}
+    mark_best_methods([r for _, r in pairs])
 
     statement = claims.statement(cfg, state.n_train)
     notes = [] if state.finished else ["Sweep not finished: these are partial results (continue it with dpmix-ray sweep … --resume)."]

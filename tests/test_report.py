@@ -248,3 +248,20 @@ def test_curator_report_sets_spent_compute_beside_the_estimate_and_the_budget(tm
     rows = E.compute_rows(cfg, None, {"trial_seconds": 200.0, "cpu_hours": 0.11, "gpu_hours": 0.0, "estimated_wall_seconds": 110.0},
                           {"trial_seconds": 100.0, "cpu_hours": 0.055, "gpu_hours": 0.0})
     assert [r["spent ÷ this"] for r in rows] == ["0.50", "–"]
+
+
+def test_best_method_per_epsilon_is_marked_from_released_validation_accuracy(tmp_path: Path) -> None:
+    """Across the candidate methods, each ε's best is the released row with the highest validation accuracy (never test,
+    and never a number release/ does not hold), one per ε, in the JSON and the table."""
+    records = _records()
+    for r in records:  # make test accuracy disagree with validation: dpsgd's test is the highest at every ε
+        if r["method"] == "dpsgd":
+            r["test_accuracy"] = 0.995
+    _write_sweep(tmp_path, records)
+    build_report(tmp_path)
+    rows = json.loads(S.read_text(tmp_path, f"{S.RELEASE_TABLE}.json"))["rows"]
+    for eps in (1.0, 4.0):
+        mine = [r for r in rows if r["epsilon"] == eps]
+        [best] = [r for r in mine if r["best_at_epsilon"]]
+        assert best["val_accuracy"] == max(r["val_accuracy"] for r in mine) and best["method"] == "dpmix_self"
+    assert S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md").count("★") == 2
