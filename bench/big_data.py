@@ -105,8 +105,12 @@ def main() -> int:
             gib = n * np.prod(SHAPE) / 2**30
             print(f"generated {size}: {n:,} × {'×'.join(map(str, SHAPE))} uint8 = {gib:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
         for name, storage, size, cold in CASES:
-            out = subprocess.run([sys.executable, __file__, "--one", str(tmp / size), storage, str(args.steps), str(int(cold))],
-                                 capture_output=True, text=True, check=True).stdout
+            child = subprocess.run([sys.executable, __file__, "--one", str(tmp / size), storage, str(args.steps), str(int(cold))],
+                                   capture_output=True, text=True)
+            if child.returncode != 0:
+                print(f"{name}: the child process failed (exit {child.returncode}):\n{child.stderr[-4000:]}", file=sys.stderr)
+                return 1
+            out = child.stdout
             row = {"case": name, "n": args.big if size == "big" else args.small} | json.loads(out.splitlines()[-1])
             print(f"{name:15} N={row['n']:>8,}  {row['steps']} steps  {row['s_per_step'] * 1e3:7.1f} ms/step  "
                   f"set-up {row['setup_s']:6.1f} s  peak RSS {row['peak_rss_mb']:7.1f} MB (imports {row['imports_rss_mb']:.0f})", flush=True)

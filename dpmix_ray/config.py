@@ -363,11 +363,15 @@ class SweepConfig(_Strict):
 DP_SPACE_KEYS: dict[str, str] = {
     "dp.tau": "the noise's random walk per coordinate over a run, τ = lr·σC/B·√T: lr follows once σ is planned",
     "dp.steps": "the number of logical steps T at the point's batch size (epochs = T·B/N)",
+    "dp.compute": "epochs × G (G = K+m+n): the run's per-example-gradient images per training example; epochs = it ÷ G",
 }
 _EXCLUSIVE_SPACE_KEYS = (
     ("privacy.noise_multiplier", "optim.epochs", "search at most one, the planner derives the other"),
     ("privacy.noise_multiplier", "dp.steps", "search at most one, the planner derives the other"),
     ("optim.epochs", "dp.steps", "give the run's length once"),
+    ("optim.epochs", "dp.compute", "give the run's length once"),
+    ("dp.steps", "dp.compute", "give the run's length once"),
+    ("privacy.noise_multiplier", "dp.compute", "search at most one, the planner derives the other"),
     ("optim.lr", "dp.tau", "lr follows from τ once σ is planned; search one of them"),
 )
 

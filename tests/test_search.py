@@ -59,6 +59,24 @@ def test_tau_sets_lr_from_the_planned_sigma(monkeypatch: pytest.MonkeyPatch) -> 
     assert train.optim.lr == pytest.approx(0.1 * 512 / (s * 1.0 * math.sqrt(40)))  # τ = lr·σC/B·√T
 
 
+def test_compute_coordinate_trades_group_size_for_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dp.compute = epochs × G: at one compute, a point with K = 4 runs half the epochs of K = 2, and dpsgd (G = 1)
+    three times those of the base's dpmix_self (K = 2, m = 1); so the per-example-gradient images are the same."""
+    monkeypatch.setattr(B, "training_size", lambda data: N)
+    cfg = sweep(space={"dp.compute": {"uniform": [6, 48]}, "mix.aug_multiplicity": {"int": [1, 4]}, "dp.tau": {"uniform": [0.05, 0.2]}},
+                baselines=["dpsgd"])
+    mix, dpsgd = P.build_groups(cfg)[1], P.build_groups(cfg)[5]  # dpmix_self and dpsgd at ε = 2
+    assert (mix.method, dpsgd.method) == ("dpmix_self", "dpsgd") and mix.epsilon == dpsgd.epsilon == 2
+    runs = {}
+    for name, group, point in (("K2", mix, {"mix.aug_multiplicity": 2}), ("K4", mix, {"mix.aug_multiplicity": 4}), ("dpsgd", dpsgd, {})):
+        train, plan = B.resolve_trial(cfg, group, {"dp.compute": 24.0, "dp.tau": 0.1, **point}, 0, None)
+        runs[name] = (train.optim.epochs, train.mix.group_size, plan.run.steps)
+        assert train.optim.epochs * train.mix.group_size == pytest.approx(24.0)
+    assert runs["K2"][1:] == (3, runs["K2"][2]) and runs["K4"][1] == 5 and runs["dpsgd"][1] == 1
+    assert runs["dpsgd"][2] == pytest.approx(3 * runs["K2"][2], abs=3) and runs["K4"][2] == pytest.approx(0.6 * runs["K2"][2], abs=2)  # T rounds up
+    assert space.default_point(cfg, P.trial_config(cfg, mix, {}, 0), N)["dp.compute"] == pytest.approx(8 * 3)  # base: 8 epochs × G 3
+
+
 # --------------------------------------------------------------------------- proxies (TAN)
 
 
@@ -207,6 +225,8 @@ def test_a_given_sigma_is_refused_with_proxies_or_a_searched_step_count() -> Non
     ({"dp.tau": {"uniform": [0.1, 0.2]}, "optim.lr": {"uniform": [1, 2]}}, "optim.lr and dp.tau"),
     ({"dp.steps": {"int": [10, 20]}, "optim.epochs": {"uniform": [1, 2]}}, "optim.epochs and dp.steps"),
     ({"dp.bogus": {"uniform": [1, 2]}}, "unknown config path 'dp.bogus'"),
+    ({"dp.compute": {"uniform": [10, 20]}, "dp.steps": {"int": [10, 20]}}, "dp.steps and dp.compute"),
+    ({"dp.compute": {"uniform": [10, 20]}, "optim.epochs": {"uniform": [1, 2]}}, "optim.epochs and dp.compute"),
 ])
 def test_dp_coordinates_are_checked_by_the_schema(space_: dict[str, Any], needle: str) -> None:
     from pydantic import ValidationError

@@ -162,7 +162,7 @@ def resolve_trial(cfg: SweepConfig, group: Group, params: dict[str, Any], seed: 
     point that cannot run.
     """
     n = group_plan.n_train if group_plan is not None else training_size(cfg.base.data)
-    updates = space.config_updates(params, cfg.base, n)
+    updates = space.config_updates(params, trial_config(cfg, group, {}, seed), n)  # the group's own K, m (dp.compute)
     if synthetic is not None and cfg.base.mix.synthetic == "synth":
         updates["mix.synthetic"] = synthetic
     train_cfg = trial_config(cfg, group, updates, seed)

@@ -11,6 +11,11 @@ Two search coordinates are not config keys (:data:`dpmix_ray.config.DP_SPACE_KEY
 * ``dp.steps``: the number of logical steps T. With T fixed, ε depends on σ/q and training on σ/B
   (TAN, Sander et al. 2023), so (B, T) are the natural pair; epochs = T·B/N.
 
+* ``dp.compute``: what a run costs per training example, epochs × G (G = K + m + n images through the
+  per-example gradient): epochs follow from the point's G. Searched beside K and m, it makes them
+  compete with the step count for the same compute, so where augmentation does not pay the search can
+  spend it on steps instead (dpsgd, G = 1, gets G× the epochs of a K = G recipe at the same cost).
+
 The transfer rule (:func:`transfer`): a recipe moves from ε to ε' keeping τ, B, T, K, m and C; the
 planner recalibrates σ for ε', and lr (when searched as such) scales by σ(ε)/σ(ε') so that τ is
 unchanged (:func:`dpmix_ray.recipe.transfer`; at large σ, σ ∝ 1/ε and this is Panda et al.'s linear
@@ -27,7 +32,7 @@ from dpmix_ray import recipe
 from dpmix_ray.config import SweepConfig, TrainConfig
 from dpmix_ray.privacy import Plan, steps_for_epochs
 
-TAU, STEPS = "dp.tau", "dp.steps"
+TAU, STEPS, COMPUTE = "dp.tau", "dp.steps", "dp.compute"
 Space = Mapping[str, Mapping[str, list[Any]]]
 
 
@@ -41,12 +46,20 @@ def epochs_for_steps(steps: int, sample_rate: float) -> float:
 
 def config_updates(params: Mapping[str, Any], base: TrainConfig, n_train: int) -> dict[str, Any]:
     """A point of the space as config updates, before planning: ``dp.steps`` becomes ``optim.epochs`` at the
-    point's (or the base's) batch size; ``dp.tau`` needs σ, so :func:`lr_from_tau` sets lr after planning."""
-    updates = {k: v for k, v in params.items() if k not in (TAU, STEPS)}
+    point's (or the base's) batch size, ``dp.compute`` epochs at the point's (or the base's) group size; ``dp.tau``
+    needs σ, so :func:`lr_from_tau` sets lr after planning."""
+    updates = {k: v for k, v in params.items() if k not in (TAU, STEPS, COMPUTE)}
+    if COMPUTE in params:
+        updates["optim.epochs"] = float(params[COMPUTE]) / group_size(updates, base)
     if STEPS in params:
         b = updates.get("optim.batch_size", base.optim.batch_size) or recipe.batch_size(n_train)
         updates["optim.epochs"] = epochs_for_steps(int(params[STEPS]), min(1.0, b / n_train))
     return updates
+
+
+def group_size(updates: Mapping[str, Any], base: TrainConfig) -> int:
+    """G = K + m + n of a point: its own mixing counts where it sets them, else the base config's."""
+    return sum(int(updates.get(f"mix.{k}", getattr(base.mix, k))) for k in ("aug_multiplicity", "self_mix", "diff_mix"))
 
 
 def lr_from_tau(tau: float, cfg: TrainConfig, plan: Plan) -> float:
@@ -86,6 +99,7 @@ def default_point(cfg: SweepConfig, base: TrainConfig, n_train: int) -> dict[str
     flat = _flatten(recipe.resolve(base, n_train, lr="optim.lr" in cfg.space).model_dump(mode="json"))
     point = {k: v for k, v in flat.items() if v is not None} | {TAU: recipe.TAU}
     point[STEPS] = _steps(point, n_train)
+    point[COMPUTE] = float(point.get("optim.epochs") or recipe.epochs(n_train)) * group_size(point, base)
     return clip(point, cfg.space)
 
 
