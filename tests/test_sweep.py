@@ -630,3 +630,21 @@ def test_ray_client_mode_runs_the_sweep_on_the_head_and_copies_outputs_back(tmp_
     assert S.path(out, S.CURATOR_REPORT).is_file() and S.path(out, f"{S.RELEASE_TABLE}.json").is_file()
     with pytest.raises(ConfigError, match="already holds"):  # the head's copy is the sweep's identity
         run_on_head(cfg, out=tmp_path / "local", resume=False, address=local_ray, progress=False)
+
+
+@pytest.mark.slow
+def test_a_sweep_under_search_budget_spends_080_to_110_of_it(tmp_path: Path, local_ray: str) -> None:
+    """search.budget end to end: the throughput probe plans the trial count, the searcher hands out trials while
+    they fit (calibrated by those that ended), and the sweep's summed trial seconds land within 0.8–1.1× the budget."""
+    from dpmix_ray.sweep import estimate as E
+    from dpmix_ray.sweep import run_sweep
+
+    cfg = sweep(search__budget={"cpu_hours": 0.025}, search__trials_per_epsilon=2)  # 90 trial seconds at 1 CPU a trial
+    out = run_sweep(cfg, out=tmp_path / "out", progress=False)
+    state, records = S.read_state(out), S.read_records(out)
+    assert state.finished and state.compute is not None and state.compute["budget_seconds"] == pytest.approx(90.0)
+    used = E.spent(cfg, records, S.read_audits(out))
+    assert 0.8 <= used["trial_seconds"] / 90.0 <= 1.1, (used, [(r["phase"], r["trial_seconds"]) for r in records])
+    assert sum(r["phase"] == "final" and r["status"] == "completed" for r in records) == 2  # every final ran within it
+    assert sum(r["phase"] == "search" for r in records) == sum(state.counts.values())
+    assert "Curator only: compute" in S.read_text(out, S.CURATOR_REPORT)
