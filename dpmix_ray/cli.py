@@ -147,7 +147,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         if not out.is_dir():
             raise ConfigError(f"{out}: no such sweep output directory")
         build_report(out)
-    print(f"released: {state.path(out, state.RELEASE)}  curator only: {state.path(out, state.CURATOR_REPORT)}")
+    release = state.path(out, state.RELEASE)
+    said = f"released: {release}" if release.is_dir() else f"nothing released yet ({state.RELEASE}/ is written once the sweep may publish it)"
+    print(f"{said}  curator only: {state.path(out, state.CURATOR_REPORT)}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -193,6 +193,15 @@ def test_report_command_rebuilds_both_halves(tmp_path: Path, capsys: pytest.Capt
     assert str(S.path(tmp_path, S.CURATOR_REPORT)) in capsys.readouterr().out and len(_release(tmp_path)) == 12
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
+    unfinished = tmp_path / "unfinished"  # repeat_and_select mid-sweep: release/ is not written, and the command says so
+    unfinished.mkdir()
+    _write_sweep(unfinished, [r | {"search_epsilon": r["epsilon"]} for r in _records() if r["method"] == "dpmix_self"], finished=False,
+                 baselines=[], tuning_privacy="repeat_and_select", search={"sampler": "random", "trials_per_epsilon": 3},
+                 space={"optim.lr": {"loguniform": [0.1, 4]}})
+    assert main(["report", str(unfinished)]) == 0
+    said = capsys.readouterr().out
+    assert "nothing released yet" in said and "released:" not in said and not S.path(unfinished, S.RELEASE).exists()
+
 
 def test_proxy_trials_are_labelled_everywhere_and_never_released(tmp_path: Path) -> None:
     """A proxy search (TAN): the winner is a proxy, so the release is its recipe's first full-size final run."""
