@@ -407,11 +407,17 @@ def _ghost_pays(ghost_cost: int, materialise_cost: int) -> bool:
     return ghost_cost < 0.4 * materialise_cost
 
 
+# The share of the layers' input bytes that kept per-example gradients and forming slices may take. At 1.0 the
+# strided cnn kept 4.7 MB of conv2 gradients beside a 9.4 MB non-private peak (1.59×); at 0.5 its worst is
+# 1.28× and WRN-16-4, cnn_tiny are unchanged within the timing spread (bench/grad_step.py).
+_KEEP_BUDGET = 0.5
+
+
 def _plan(calls: list[_Call], b: int) -> None:
-    """Keep per-example gradients, most rows first, while they fit in a budget: the bytes of the layers'
-    inputs, tensors autograd saves anyway. What is left of it caps the transient of a slice of
-    per-example convolution gradients being formed (patches or a grouped call)."""
-    budget = sum({c.a.data_ptr(): c.a.numel() * c.a.element_size() for c in calls}.values())
+    """Keep per-example gradients, most rows first, while they fit in a budget: half the bytes of the layers'
+    inputs (tensors autograd saves anyway; :data:`_KEEP_BUDGET`). What is left of it caps the transient of a
+    slice of per-example convolution gradients being formed (patches or a grouped call)."""
+    budget = int(_KEEP_BUDGET * sum({c.a.data_ptr(): c.a.numel() * c.a.element_size() for c in calls}.values()))
     for call in sorted((c for c in calls if c.route == "keep"), key=lambda c: -c.rows):
         if call.kept_bytes > budget:
             call.route = "norms"
