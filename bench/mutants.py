@@ -150,7 +150,7 @@ MUTANTS = (
            (('"step": step + 1, "seconds"', '"step": step + 2, "seconds"'),), "tests/test_guards.py"),
     # release filtering (dpmix_ray/report.py, sweep/claims.py, sweep/selection.py)
     Mutant("trial_counts_released", "the drawn trial count joins each released row", "dpmix_ray/report.py",
-           (('"release_guarantee", "model", "recipe_file",\n)', '"release_guarantee", "model", "recipe_file", "trials_planned",\n)'),), "tests/test_report.py"),
+           (('"recipe_file", "best_at_epsilon",\n)', '"recipe_file", "best_at_epsilon", "trials_planned",\n)'),), "tests/test_report.py"),
     Mutant("reruns_released_under_rs", "the fresh-seed re-runs released under repeat_and_select too", "dpmix_ray/report.py",
            (('    return cfg.tuning_privacy == "per_trial"\n', "    return True\n"),), "tests/test_report.py"),
     Mutant("audit_results_released", "each group's audit result (ε_lb) joins its released row", "dpmix_ray/report.py",
@@ -161,6 +161,18 @@ MUTANTS = (
            (("return group.epsilon is not None and not reproducible(cfg)", "return not reproducible(cfg)"),), "tests/test_report.py"),
     Mutant("proxy_trial_released", "a selected proxy trial (outside the guarantee) is released itself", "dpmix_ray/sweep/selection.py",
            (('if chosen is None or not chosen.get("proxy"):', "if True:"),), "tests/test_report.py"),
+    Mutant("best_method_by_test", "the best method per ε is marked by test accuracy, not released validation accuracy",
+           "dpmix_ray/report.py", (('scored = [r for r in rows if r["epsilon"] == eps and r["val_accuracy"] is not None]',
+                                     'scored = [r for r in rows if r["epsilon"] == eps and r["test_accuracy"] is not None]'),
+                                    ('max(scored, key=lambda x: x["val_accuracy"])', 'max(scored, key=lambda x: x["test_accuracy"])')),
+           "tests/test_report.py"),
+    # planning under a compute budget (dpmix_ray/sweep/search.py)
+    Mutant("budget_never_cuts", "search.budget: a planned search trial is handed out even when it would overrun the budget",
+           "dpmix_ray/sweep/search.py", (("if self._issued[key] < self._counts[key] and self._would_overrun(key):",
+                                           "if self._issued[key] < self._counts[key] and False:"),), "tests/test_compute_budget.py"),
+    Mutant("budget_trusts_the_probe", "search.budget: estimates are never corrected by what trials took", "dpmix_ray/sweep/search.py",
+           (("return self._probe_seconds(phase, key) * (took / said if took > 0 and said > 0 else 1.0)",
+             "return self._probe_seconds(phase, key)"),), "tests/test_compute_budget.py"),
     # selection (dpmix_ray/sweep/selection.py)
     Mutant("select_on_test", "the search trial with the best test accuracy is selected, not the best validation score",
            "dpmix_ray/sweep/selection.py",
