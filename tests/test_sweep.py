@@ -648,3 +648,25 @@ def test_a_sweep_under_search_budget_spends_080_to_110_of_it(tmp_path: Path, loc
     assert sum(r["phase"] == "final" and r["status"] == "completed" for r in records) == 2  # every final ran within it
     assert sum(r["phase"] == "search" for r in records) == sum(state.counts.values())
     assert "Curator only: compute" in S.read_text(out, S.CURATOR_REPORT)
+
+
+def test_a_restored_checkpoint_without_state_starts_the_trial_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between Tune deleting a superseded checkpoint and its next snapshot restores a checkpoint with no state:
+    the trial starts again (weights and all) instead of failing; a checkpoint with state resumes from it."""
+    from ray import tune
+
+    from dpmix_ray.sweep import trial as T
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(T.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(empty)))
+    assert T._load_checkpoint() is None
+    monkeypatch.setattr(T.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(tmp_path / "gone")))
+    assert T._load_checkpoint() is None
+    full = tmp_path / "full"
+    full.mkdir()
+    import torch
+
+    torch.save({"seconds": 1.0}, full / T.STATE_FILE)
+    monkeypatch.setattr(T.tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(full)))
+    assert T._load_checkpoint() == {T.STATE_FILE: {"seconds": 1.0}}

@@ -18,6 +18,7 @@ of the trainer's documented result (:data:`RESULT_KEYS`) reach the ledger.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -37,6 +38,7 @@ from dpmix_ray.sweep.budget import TrialPlan, check_within_budget, identity
 from dpmix_ray.sweep.outcome import Outcome, Status, epoch_report
 from dpmix_ray.trainer import EpochReport, fit
 
+log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 # What a trial keeps of the trainer's result: its documented keys, nothing else.
@@ -69,11 +71,20 @@ def _report(metrics: dict[str, Any], files: dict[str, Any] | None = None) -> Non
 
 
 def _load_checkpoint() -> dict[str, Any] | None:
+    """The trial's last checkpoint, or None to start afresh: there is none, or the one Tune restored holds no state.
+
+    The latter happens when the driver is killed after Tune deleted a superseded checkpoint (num_to_keep=1) and
+    before its next experiment snapshot: the snapshot names a checkpoint that is gone. Nothing of the lost partial
+    run was released (its checkpoints are the curator's), so the trial runs again from step 0 under its plan."""
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return {p.name: torch.load(p, weights_only=False) for p in Path(d).iterdir() if p.suffix == ".pt"}
+        files = {p.name: torch.load(p, weights_only=False) for p in Path(d).iterdir() if p.suffix == ".pt"} if Path(d).is_dir() else {}
+    if STATE_FILE not in files:
+        log.warning("trial checkpoint %s holds no %s (lost in a kill before Tune's snapshot): the trial starts again", ckpt.path, STATE_FILE)
+        return None
+    return files
 
 
 def _outcome(record: dict[str, Any], status: Status, reason: str | None = None) -> dict[str, Any]:
