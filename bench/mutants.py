@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIVACY_TESTS = (
     "tests/test_mechanism.py", "tests/test_grads.py", "tests/test_mix.py", "tests/test_trainer.py", "tests/test_privacy.py",
     "tests/test_guards.py", "tests/test_sweep.py", "tests/test_search.py", "tests/test_report.py", "tests/test_sweep_audit.py",
-    "tests/test_audit.py",
+    "tests/test_audit.py", "tests/test_compute_budget.py",
 )
 
 
