@@ -162,8 +162,8 @@ def mark_best_methods(rows: list[dict[str, Any]]) -> None:
     It reads only numbers release/ publishes, so choosing it is post-processing of the release: it costs no ε."""
     for eps in dict.fromkeys(r["epsilon"] for r in rows):
         scored = [r for r in rows if r["epsilon"] == eps and r["val_accuracy"] is not None]
-        for r in scored:
-            r["best_at_epsilon"] = r is max(scored, key=lambda x: x["val_accuracy"])
+        if scored:
+            max(scored, key=lambda r: r["val_accuracy"])["best_at_epsilon"] = True
 
 
 def released(cfg: SweepConfig, row: dict[str, Any]) -> dict[str, Any]:
@@ -383,17 +383,16 @@ def _compute_plot(cfg: SweepConfig, records: list[dict[str, Any]]) -> bytes:
     """Curator only: every trial's selection score against what it cost (its wall seconds × the CPUs or GPUs it held),
     so a recipe that buys its accuracy with K× the compute shows beside one that spends it on steps."""
     unit = "GPU" if cfg.resources.gpu > 0 else "CPU"
-    per = cfg.resources.gpu if cfg.resources.gpu > 0 else cfg.resources.cpu
     fig, ax = _pyplot().subplots(figsize=(6.4, 4.2), dpi=110)
     done = [r for r in records if r.get("score") is not None and r.get("trial_seconds")]
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in done))}
     for method, colour in colours.items():
         for phase, marker in (("search", "o"), ("final", "s")):
-            mine = [r for r in done if r["method"] == method and (r["phase"] == "search") == (phase == "search")]
+            mine = [r for r in done if r["method"] == method and r["phase"] == phase]
             for proxy in (False, True):
                 pts = [r for r in mine if bool(r.get("proxy")) == proxy]
                 if pts:
-                    ax.scatter([r["trial_seconds"] * per / 3600 for r in pts], [r["score"] for r in pts], s=22, marker=marker,
+                    ax.scatter([E.resource_hours(r["trial_seconds"], cfg)[f"{unit.lower()}_hours"] for r in pts], [r["score"] for r in pts], s=22, marker=marker,
                                facecolors="none" if proxy else colour, edgecolors=colour, alpha=0.8,
                                label=f"{method} {phase}{' (proxy)' if proxy else ''}")
     title = "every trial: selection score vs compute"

@@ -123,7 +123,7 @@ class GroupedSearcher(Searcher):
         self._stops = stops
         self._seconds: dict[str, float] = {}
         self._ended: set[str] = set()  # trials (search and final) that have ended
-        self._took: dict[str, float] = {}  # the seconds of those that completed (the probe's estimate is scaled by them)
+        self._completed: set[str] = set()  # those that completed: the probe's estimates are scaled by what they took
         self._next = 0
         if P.warm_start(cfg):
             for g in groups:
@@ -188,21 +188,22 @@ class GroupedSearcher(Searcher):
     def _probe_seconds(self, phase: str, key: str) -> float:
         return self._compute["search" if phase == "search" else "final"].get(key, 0.0)
 
-    def _estimate(self, phase: str, key: str) -> float:
-        """One trial's seconds: the probe's estimate, times what the ended trials took over their own estimates."""
-        took = sum(self._took.values())
-        said = sum(self._probe_seconds(self._trials[t]["phase"], self._trials[t]["group"]) for t in self._took)
-        return self._probe_seconds(phase, key) * (took / said if took > 0 and said > 0 else 1.0)
+    def _scale(self) -> float:
+        """What the completed trials took over the probe's estimates of them (1 before any completed)."""
+        took = sum(self._seconds[t] for t in self._completed)
+        said = sum(self._probe_seconds(self._trials[t]["phase"], self._trials[t]["group"]) for t in self._completed)
+        return took / said if took > 0 and said > 0 else 1.0
 
     def _would_overrun(self, key: str) -> bool:
         """Whether one more search trial of ``key``, with what runs and every final still to come, overruns the budget."""
         if self._compute is None:
             return False
-        running = sum(max(0.0, self._estimate(c["phase"], c["group"]) - self._seconds.get(t, 0.0))
+        scale = self._scale()  # one trial's seconds: the probe's estimate × scale
+        running = sum(max(0.0, self._probe_seconds(c["phase"], c["group"]) * scale - self._seconds.get(t, 0.0))
                       for t, c in self._trials.items() if t not in self._ended)
-        finals = sum(max(0, P.final_seeds(self._cfg, self._groups[k]) - self._finals[k]) * self._estimate("final", k) for k in self._keys)
+        finals = sum(max(0, P.final_seeds(self._cfg, self._groups[k]) - self._finals[k]) * self._probe_seconds("final", k) for k in self._keys)
         return would_overrun(self._compute["budget_seconds"], spent=sum(self._seconds.values()),
-                             committed=running + finals + self._estimate("search", key))
+                             committed=running + (finals + self._probe_seconds("search", key)) * scale)
 
     def _write_stops(self) -> None:
         if self._stops is not None:
@@ -225,7 +226,7 @@ class GroupedSearcher(Searcher):
         if seconds is not None:
             self._seconds[trial_id] = float(seconds)
             if ended is not None and ended.status is Status.COMPLETED:
-                self._took[trial_id] = self._seconds[trial_id]
+                self._completed.add(trial_id)
         self._ended.add(trial_id)
         issued = self._trials[trial_id]
         key = issued["group"]
