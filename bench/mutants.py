@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIVACY_TESTS = (
     "tests/test_mechanism.py", "tests/test_grads.py", "tests/test_mix.py", "tests/test_trainer.py", "tests/test_privacy.py",
     "tests/test_guards.py", "tests/test_sweep.py", "tests/test_search.py", "tests/test_report.py", "tests/test_sweep_audit.py",
-    "tests/test_audit.py", "tests/test_compute_budget.py",
+    "tests/test_audit.py", "tests/test_compute_budget.py", "tests/test_release.py",
 )
 
 
@@ -135,7 +135,7 @@ MUTANTS = (
            (('cfg.search.transfer is not None else cfg.tuning_privacy == "per_trial"', 'cfg.search.transfer is not None else True'),),
            "tests/test_guards.py"),
     Mutant("one_seed_for_all_trials", "every trial of a phase gets the same public seed", "dpmix_ray/sweep/plan.py",
-           (("return cfg.base.seed + index + (", "return cfg.base.seed + ("),), "tests/test_sweep.py"),
+           (("return cfg.base.seed + index + (", "return cfg.base.seed + ("),), "tests/test_release.py"),
     Mutant("trial_sigma_not_tuning", "a repeat_and_select trial planned as one run at the full ε, not the group's tuning σ",
            "dpmix_ray/sweep/budget.py",
            (("return group_plan if group_plan is not None else _one_run(train_cfg, n)", "return _one_run(train_cfg, n)"),),
