@@ -39,10 +39,14 @@ Route = Literal["keep", "norms", "ghost"]
 Forming = Literal["patches", "grouped", "loop"]
 _Finish = Callable[[torch.Tensor], Grads]
 _aten = torch.ops.aten
-# Per-example multiplies (G·T·d·p) of a convolution's weight gradient below which batched matmuls
-# over strided patches beat oneDNN calls, and (G = 1) below which grouped calls beat a loop (CPU, measured).
+# Per-example multiplies (G·T·d·p) of a convolution's weight gradient below which batched matmuls over
+# strided patches are the fastest forming, and up to which a grouped call beats a loop of oneDNN calls
+# (CPU, measured per layer of the three scratch models at K ∈ {1, 4, 16}: docs/performance.md).
 _PATCHES_MAX_WORK = 1_000_000
-_GROUPED_MAX_WORK = 1 << 22
+_GROUPED_MAX_WORK = 40_000_000
+# Images per grouped call (examples × G) and examples per call: oneDNN's grouped weight gradient slows
+# past 32 groups and at group counts not a power of two.
+_GROUPED_MAX_IMAGES, _GROUPED_MAX_EXAMPLES = 128, 32
 
 
 def _rows(t: torch.Tensor, b: int, features_dim: int) -> torch.Tensor:
@@ -195,35 +199,55 @@ def _forming(mod: nn.Conv2d, a_shape: torch.Size, out_shape: torch.Size, b: int)
     """How to form the per-example weight gradients, and the bytes per example while a slice is formed.
 
     oneDNN's weight-gradient call costs ~50 µs whatever its size, so small per-example problems are
-    batched: as matmuls over a strided copy of the padded input's patches, or (G = 1) as one grouped
-    convolution with examples as groups; large ones take one call per example."""
+    batched: as matmuls over a strided copy of the padded input's patches (small problems, and strided
+    1×1 convolutions), or as one grouped convolution with examples as groups and their G images as its
+    batch (≥ 16 input channels: with fewer, oneDNN's grouped kernel is slow); large ones, and 1×1
+    convolutions of stride 1 (a plain matrix product for oneDNN), take one call per example."""
     g, elt = a_shape[0] // b, mod.weight.element_size()
     d, p, t = mod.weight[0].numel(), mod.out_channels, out_shape[2] * out_shape[3]
-    work = g * t * d * p
-    if mod.groups == 1 and work < _PATCHES_MAX_WORK:
+    work, pointwise = g * t * d * p, mod.kernel_size == (1, 1)
+    if mod.groups != 1:
+        return "loop", 0
+    if work < _PATCHES_MAX_WORK or (pointwise and mod.stride != (1, 1) and work < _GROUPED_MAX_WORK):
         return "patches", (g * t * (d + p) + d * p) * elt
-    if mod.groups == 1 and g == 1 and work < _GROUPED_MAX_WORK:
-        return "grouped", 3 * d * p * elt  # oneDNN reorders its output: about three gradients' size
+    if not pointwise and a_shape[1] >= 16 and work < _GROUPED_MAX_WORK:
+        # oneDNN reorders its output (about three gradients' size); G > 1 copies the slice's images
+        return "grouped", (3 * d * p + (g * (a_shape[1:].numel() + out_shape[1:].numel()) if g > 1 else 0)) * elt
     return "loop", 0
+
+
+def _unfolded(mod: nn.Conv2d, xp: torch.Tensor, g: int, out: torch.Tensor) -> torch.Tensor:
+    """Each example's patches of the zero-padded input ``xp`` ([n·G, c, Hp, Wp], contiguous), copied into
+    ``out`` ([n, c, kh, kw, G, Ho, Wo]) through one strided view and returned as [n, d, G·T]."""
+    n, c, (kh, kw), (ho, wo) = out.shape[0], xp.shape[1], mod.kernel_size, out.shape[-2:]
+    (sh, sw), (dh, dw) = mod.stride, mod.dilation
+    s0, s1, s2, s3 = xp.stride()
+    view = xp.as_strided((n, c, kh, kw, g, ho, wo), (g * s0, s1, s2 * dh, s3 * dw, s0, s2 * sh, s3 * sw))
+    return out.copy_(view).view(n, c * kh * kw, g * ho * wo)
+
+
+def _padded(mod: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    ph, pw = mod.padding
+    return (F.pad(a, (pw, pw, ph, ph)) if ph or pw else a).contiguous()
 
 
 def _patch_grads(mod: nn.Conv2d, a: torch.Tensor, gy: torch.Tensor, b: int, k: int) -> Iterator[torch.Tensor]:
     """Per-example weight gradients, k examples per batched matmul: ∂L/∂y as [k, p, G·T] times the
-    padded input's patches as [k, G·T, d], a strided view copied once per slice."""
-    g = a.shape[0] // b
-    ph, pw = mod.padding
-    xp = (F.pad(a, (pw, pw, ph, ph)) if ph or pw else a).contiguous()
-    gy = gy.contiguous()
-    c, (kh, kw), (sh, sw), (dh, dw) = xp.shape[1], mod.kernel_size, mod.stride, mod.dilation
+    padded input's patches as [k, G·T, d], copied once per slice into one reused buffer."""
+    g, xp, gy = a.shape[0] // b, _padded(mod, a), gy.contiguous()
     p, ho, wo = gy.shape[1:]
-    s0, s1, s2, s3 = xp.stride()
-    buffer = xp.new_empty(min(k, b), c, kh, kw, g, ho, wo)  # one allocation for every slice's copy
+    buffer = xp.new_empty(min(k, b), xp.shape[1], *mod.kernel_size, g, ho, wo)
     for i in range(0, b, k):
         n = min(k, b - i)
-        view = xp[i * g : (i + n) * g].as_strided((n, c, kh, kw, g, ho, wo), (g * s0, s1, s2 * dh, s3 * dw, s0, s2 * sh, s3 * sw))
-        patches = buffer[:n].copy_(view).view(n, c * kh * kw, g * ho * wo)
+        patches = _unfolded(mod, xp[i * g : (i + n) * g], g, buffer[:n])
         rows = gy[i * g : (i + n) * g].view(n, g, p, ho * wo).transpose(1, 2).reshape(n, p, g * ho * wo)
         yield torch.bmm(rows, patches.transpose(1, 2)).view(n, *mod.weight.shape)
+
+
+def _images_as_batch(t: torch.Tensor, n: int, g: int) -> torch.Tensor:
+    """[n·G, c, h, w] → [G, n·c, h, w]: n examples as channel groups, their G images as the batch
+    (a view when G = 1), so that a grouped weight gradient sums each example's images."""
+    return t.view(n, g, *t.shape[1:]).transpose(0, 1).reshape(g, n * t.shape[1], *t.shape[2:])
 
 
 def _per_example_conv(call: _Call, w: torch.Tensor, gy: torch.Tensor, b: int) -> Iterator[torch.Tensor]:
@@ -236,10 +260,11 @@ def _per_example_conv(call: _Call, w: torch.Tensor, gy: torch.Tensor, b: int) ->
     if call.forming == "patches":
         yield from _patch_grads(mod, a, gy, b, k)
     elif call.forming == "grouped":
+        g = a.shape[0] // b
         shapes_only = torch.zeros((), dtype=w.dtype, device=w.device).expand(k * w.shape[0], *w.shape[1:])
         for i in range(0, b, k):
-            gy_i, a_i = gy[i : i + k].reshape(1, -1, *gy.shape[2:]), a[i : i + k].reshape(1, -1, *a.shape[2:])
-            n = gy[i : i + k].shape[0]
+            n = min(k, b - i)
+            gy_i, a_i = (_images_as_batch(t[i * g : (i + n) * g], n, g) for t in (gy, a))
             yield _conv_weight_grad(mod, shapes_only[: n * w.shape[0]], gy_i, a_i, n).view(n, *w.shape)
     else:
         g = a.shape[0] // b
@@ -273,11 +298,10 @@ def _conv_gram(mod: nn.Conv2d, a: torch.Tensor, b: int, out_hw: torch.Size) -> t
     g = a.shape[0] // b
     t = g * out_hw[0] * out_hw[1]
     via_pixels, via_unfold = _gram_costs(mod, a.shape, b, t)
+    xp = _padded(mod, a)
     if via_unfold <= via_pixels:
-        rows = _rows(F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride), b, 1)  # [b, T, d]
-        return torch.bmm(rows, rows.transpose(1, 2)), rows.sum(2)
-    ph, pw = mod.padding
-    xp = F.pad(a, (pw, pw, ph, ph))
+        cols = _unfolded(mod, xp, g, xp.new_empty(b, xp.shape[1], *mod.kernel_size, g, *out_hw))  # [b, d, T]
+        return torch.bmm(cols.transpose(1, 2), cols), cols.sum(1)
     _, c, hp, wp = xp.shape
     x2 = xp.view(b, g, c, hp * wp).transpose(1, 2).reshape(b, c, g * hp * wp)
     full = torch.bmm(x2.transpose(1, 2), x2).view(b, g, hp, wp, g, hp, wp)
@@ -426,9 +450,11 @@ def _plan(calls: list[_Call], b: int) -> None:
     for call in calls:
         if call.transient_bytes:
             k = max(1, min(b, budget // call.transient_bytes))
-            # oneDNN's grouped weight gradient slows down past 32 groups, and at counts not a power of
-            # two (cnn's 32→64 conv at 14×14, ms: 3.6 with 32 groups, 5.1 with 64, 7.1 with 61)
-            call.per_call = 1 << min(k.bit_length() - 1, 5) if call.forming == "grouped" else k
+            if call.forming == "grouped":  # a power of two (cnn's 32→64 conv at 14×14, ms: 3.6 with 32 groups, 7.1 with 61)
+                g = call.a.shape[0] // b
+                k = min(k, _GROUPED_MAX_EXAMPLES, max(1, _GROUPED_MAX_IMAGES // g))
+                k = 1 << (k.bit_length() - 1)
+            call.per_call = k
 
 
 def fast_layers(model: nn.Module) -> dict[nn.Module, str] | None:

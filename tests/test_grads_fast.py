@@ -26,7 +26,7 @@ ROUTES = ("auto", "keep", "norms", "ghost-pixels", "ghost-unfold", "keep/loop", 
 def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every Linear/Conv2d layer takes ``route`` (a grouped convolution has no ghost route); a ghost
     convolution forms its Gram from the padded input's pixels or by unfolding. A forced forming
-    applies to ungrouped convolutions (grouped calls only where G = 1)."""
+    applies to ungrouped convolutions."""
     if route == "auto":
         return
     route, _, forming = route.partition("/")
@@ -39,7 +39,7 @@ def force(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
         call = original(mod, a, out, b)
         if call.rows and not (route == "ghost" and getattr(mod, "groups", 1) != 1):
             call.route, call.out = route, out.detach()
-        if forming and isinstance(mod, nn.Conv2d) and mod.groups == 1 and (forming != "grouped" or a.shape[0] == b):
+        if forming and isinstance(mod, nn.Conv2d) and mod.groups == 1:
             call.forming, call.transient_bytes = forming, (0 if forming == "loop" else a[0].numel() * 8)
         return call
 
@@ -159,12 +159,30 @@ def test_k1_forms_small_convolutions_in_slices_and_agrees(forming, monkeypatch):
 
 
 def test_forming_follows_the_work_per_example():
-    """Small per-example problems are batched (patches; grouped calls at G = 1), large ones loop."""
+    """Small per-example problems and strided 1×1 convolutions are batched as patches, mid-sized ones with
+    ≥ 16 input channels as grouped calls (any G), the rest loop (docs/performance.md has the timings)."""
     small, mid, large = nn.Conv2d(16, 32, 4, stride=2), nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+    first, shortcut, pointwise = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(64, 128, 1, stride=2), nn.Conv2d(16, 64, 1)
     assert BK._forming(small, torch.Size([64, 16, 13, 13]), torch.Size([64, 32, 5, 5]), 64)[0] == "patches"
     assert BK._forming(mid, torch.Size([64, 16, 28, 28]), torch.Size([64, 32, 28, 28]), 64)[0] == "grouped"
-    assert BK._forming(mid, torch.Size([256, 16, 28, 28]), torch.Size([256, 32, 28, 28]), 64)[0] == "loop"
-    assert BK._forming(large, torch.Size([8, 64, 32, 32]), torch.Size([8, 64, 32, 32]), 8)[0] == "loop"
+    assert BK._forming(mid, torch.Size([256, 16, 28, 28]), torch.Size([256, 32, 28, 28]), 64)[0] == "grouped"
+    assert BK._forming(large, torch.Size([8, 64, 32, 32]), torch.Size([8, 64, 32, 32]), 8)[0] == "grouped"
+    assert BK._forming(large, torch.Size([32, 64, 32, 32]), torch.Size([32, 64, 32, 32]), 8)[0] == "loop"
+    assert BK._forming(first, torch.Size([256, 1, 28, 28]), torch.Size([256, 32, 28, 28]), 64)[0] == "loop"
+    assert BK._forming(shortcut, torch.Size([32, 64, 32, 32]), torch.Size([32, 128, 16, 16]), 8)[0] == "patches"
+    assert BK._forming(pointwise, torch.Size([32, 16, 32, 32]), torch.Size([32, 64, 32, 32]), 8)[0] == "loop"
+
+
+def test_grouped_slices_hold_at_most_128_images(monkeypatch):
+    """G > 1: a grouped call's batch is the slice's G images of each example; slices are powers of two."""
+    monkeypatch.setattr(BK, "_KEEP_BUDGET", 100.0)  # the slice caps, not the memory budget
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    for g, expected in ((1, 32), (4, 32), (16, 8)):
+        a = torch.zeros(64 * g, 16, 16, 16)
+        call = BK._record_conv(conv, a, conv(a), 64)
+        assert call.forming == "grouped"
+        BK._plan([call], 64)
+        assert call.per_call == expected, (g, call.per_call)
 
 
 def test_per_example_source_dispatch(monkeypatch):
