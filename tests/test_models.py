@@ -43,6 +43,19 @@ def test_cnn_is_small():
     assert 50_000 <= n <= 200_000
 
 
+@pytest.mark.parametrize("size", [28, 32, 64])
+def test_cnn_pools_to_4x4_only_where_it_is_not_already(size):
+    """28×28 and 32×32 end their convolutions at 4×4 and skip the pool; 64×64 is pooled; the logits equal
+    those of an explicit adaptive pool either way."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn"), in_channels=1, num_classes=10, image_size=size).double().eval()
+    x = torch.rand(3, 1, size, size, dtype=torch.float64)
+    h = model.features((x - 0.5) * 2.0)
+    assert (h.shape[-1] == 4) == (size <= 32)
+    expected = model.head(model.hidden(F.adaptive_avg_pool2d(h, 4).flatten(1)))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 def test_wrn16_4_structure():
     model = _build("wrn16_4", channels=3)
     n = sum(p.numel() for p in model.parameters())
