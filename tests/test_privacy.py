@@ -65,6 +65,19 @@ def test_calibration_per_accountant(accountant):
     assert 0.98 * 2.0 <= spent <= 2.0
 
 
+def test_rdp_epsilon_is_opacus_rdp_accountant_exactly():
+    """The per-(σ, q) cached one-step curve gives Opacus's RDPAccountant's ε to the bit, for every T."""
+    from opacus.accountants import RDPAccountant
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        sigma, q, delta = float(rng.uniform(0.5, 4)), float(10 ** rng.uniform(-3, -0.5)), float(10 ** rng.uniform(-7, -4))
+        for steps in (1, int(rng.integers(2, 50)), int(rng.integers(50, 5000))):
+            acc = RDPAccountant()
+            acc.history = [(sigma, q, steps)]
+            assert epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, **ZERO_OUT) == acc.get_epsilon(delta)
+
+
 def test_max_steps_is_the_largest_within_budget():
     for sigma, q, eps in [(1.5, 0.06, 2.0), (0.9, 0.01, 4.0), (3.0, 0.2, 1.0)]:
         t = max_steps(epsilon=eps, delta=1e-5, sample_rate=q, noise_multiplier=sigma, **ZERO_OUT)
