@@ -125,10 +125,13 @@ def _smallest_sigma(spent: Callable[[float], float], epsilon: float) -> float:
     return hi
 
 
+@lru_cache(maxsize=1024)
 def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, neighbouring: str) -> float:
     """The smallest σ (within 1% of ε) such that T steps spend at most ``epsilon``.
 
     Guarantee: the returned σ satisfies ε_spent(σ) ≤ epsilon (re-checked here, never assumed).
+    Cached: a sweep resolves the same recipe in its plan, its search's default point and each trial
+    (~1 s a calibration); a refusal is raised again, never cached.
     """
     def spent(sigma: float) -> float:
         return epsilon_spent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant,
