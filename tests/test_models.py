@@ -43,17 +43,29 @@ def test_cnn_is_small():
     assert 50_000 <= n <= 200_000
 
 
+@pytest.mark.parametrize("name", ["cnn", "cnn_tiny"])
 @pytest.mark.parametrize("size", [28, 32, 64])
-def test_cnn_pools_to_4x4_only_where_it_is_not_already(size):
-    """28×28 and 32×32 end their convolutions at 4×4 and skip the pool; 64×64 is pooled; the logits equal
-    those of an explicit adaptive pool either way."""
+def test_cnn_pools_to_4x4_only_where_it_is_not_already(name, size):
+    """Where the convolutions already end at 4×4 (cnn at 28 and 32 px, cnn_tiny at 28) the pool is skipped;
+    elsewhere it pools; the logits equal those of an explicit adaptive pool either way."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="cnn"), in_channels=1, num_classes=10, image_size=size).double().eval()
+    model = build_model(ModelConfig(name=name), in_channels=1, num_classes=10, image_size=size).double().eval()
     x = torch.rand(3, 1, size, size, dtype=torch.float64)
     h = model.features((x - 0.5) * 2.0)
-    assert (h.shape[-1] == 4) == (size <= 32)
+    assert (h.shape[-1] == 4) == ((name, size) in {("cnn", 28), ("cnn", 32), ("cnn_tiny", 28)})
     expected = model.head(model.hidden(F.adaptive_avg_pool2d(h, 4).flatten(1)))
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_max_pool_2x2_stride_1_is_torch_max_pool_in_value_and_gradient():
+    """Same values and gradient as nn.MaxPool2d(2, 1), and an NCHW-contiguous output."""
+    from dpmix_ray.models import MaxPool2x2Stride1
+
+    x = torch.randn(4, 3, 13, 11, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 3, 12, 10, dtype=torch.float64)
+    ours, ref = MaxPool2x2Stride1()(x), nn.MaxPool2d(2, 1)(x)
+    assert torch.equal(ours, ref) and ours.is_contiguous()
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=0, atol=0)
 
 
 def test_wrn16_4_structure():
