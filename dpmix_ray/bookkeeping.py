@@ -435,12 +435,15 @@ def _ghost_pays(ghost_cost: int, materialise_cost: int) -> bool:
 # strided cnn kept 4.7 MB of conv2 gradients beside a 9.4 MB non-private peak (1.59×); at 0.5 its worst is
 # 1.28× and WRN-16-4, cnn_tiny are unchanged within the timing spread (bench/grad_step.py).
 _KEEP_BUDGET = 0.5
+# A forming slice may always take this many bytes: below ~16 examples a slice's fixed cost shows (cnn_tiny's
+# 8×8 conv at K = 1, ms: 1.19 with 3 examples a slice, 0.84 with 16).
+_SLICE_FLOOR_BYTES = 1 << 20
 
 
 def _plan(calls: list[_Call], b: int) -> None:
     """Keep per-example gradients, most rows first, while they fit in a budget: half the bytes of the layers'
-    inputs (tensors autograd saves anyway; :data:`_KEEP_BUDGET`). What is left of it caps the transient of a
-    slice of per-example convolution gradients being formed (patches or a grouped call)."""
+    inputs (tensors autograd saves anyway; :data:`_KEEP_BUDGET`). What is left of it (at least
+    :data:`_SLICE_FLOOR_BYTES`) caps the transient of a slice of per-example convolution gradients being formed."""
     budget = int(_KEEP_BUDGET * sum({c.a.data_ptr(): c.a.numel() * c.a.element_size() for c in calls}.values()))
     for call in sorted((c for c in calls if c.route == "keep"), key=lambda c: -c.rows):
         if call.kept_bytes > budget:
@@ -449,7 +452,7 @@ def _plan(calls: list[_Call], b: int) -> None:
             budget -= call.kept_bytes
     for call in calls:
         if call.transient_bytes:
-            k = max(1, min(b, budget // call.transient_bytes))
+            k = max(1, min(b, max(budget, _SLICE_FLOOR_BYTES) // call.transient_bytes))
             if call.forming == "grouped":  # a power of two (cnn's 32→64 conv at 14×14, ms: 3.6 with 32 groups, 7.1 with 61)
                 g = call.a.shape[0] // b
                 k = min(k, _GROUPED_MAX_EXAMPLES, max(1, _GROUPED_MAX_IMAGES // g))
