@@ -274,3 +274,13 @@ def test_best_method_per_epsilon_is_marked_from_released_validation_accuracy(tmp
         [best] = [r for r in mine if r["best_at_epsilon"]]
         assert best["val_accuracy"] == max(r["val_accuracy"] for r in mine) and best["method"] == "dpmix_self"
     assert S.read_text(tmp_path, f"{S.RELEASE_TABLE}.md").count("★") == 2
+
+
+def test_the_nonprivate_reference_is_labelled_not_private_wherever_it_appears(tmp_path: Path) -> None:
+    """Its trials in the curator's table say NOT PRIVATE, and it releases nothing."""
+    _write_sweep(tmp_path, _records())
+    build_report(tmp_path)
+    trials = pd.read_parquet(S.path(tmp_path, S.TRIALS_TABLE))
+    reference = trials[trials["group"] == "nonprivate"]
+    assert len(reference) and set(reference["covers"]) == {claims.NOT_PRIVATE}
+    assert not any("nonprivate" in name for name in _release(tmp_path))
