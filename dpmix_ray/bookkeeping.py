@@ -40,10 +40,11 @@ Forming = Literal["patches", "grouped", "loop"]
 _Finish = Callable[[torch.Tensor], Grads]
 _aten = torch.ops.aten
 # Per-example multiplies (G·T·d·p) of a convolution's weight gradient below which batched matmuls over
-# strided patches are the fastest forming, and up to which a grouped call beats a loop of oneDNN calls
-# (CPU, measured per layer of the three scratch models at K ∈ {1, 4, 16}: docs/performance.md).
+# strided patches are the fastest forming, and up to which a batched forming (grouped calls; patches for a
+# strided 1×1 convolution) beats a loop of oneDNN calls (CPU, measured per layer of the three scratch
+# models at K ∈ {1, 4, 16}: docs/performance.md).
 _PATCHES_MAX_WORK = 1_000_000
-_GROUPED_MAX_WORK = 40_000_000
+_BATCHED_MAX_WORK = 40_000_000
 # Images per grouped call (examples × G) and examples per call: oneDNN's grouped weight gradient slows
 # past 32 groups and at group counts not a power of two.
 _GROUPED_MAX_IMAGES, _GROUPED_MAX_EXAMPLES = 128, 32
@@ -208,9 +209,9 @@ def _forming(mod: nn.Conv2d, a_shape: torch.Size, out_shape: torch.Size, b: int)
     work, pointwise = g * t * d * p, mod.kernel_size == (1, 1)
     if mod.groups != 1:
         return "loop", 0
-    if work < _PATCHES_MAX_WORK or (pointwise and mod.stride != (1, 1) and work < _GROUPED_MAX_WORK):
+    if work < _PATCHES_MAX_WORK or (pointwise and mod.stride != (1, 1) and work < _BATCHED_MAX_WORK):
         return "patches", (g * t * (d + p) + d * p) * elt
-    if not pointwise and a_shape[1] >= 16 and work < _GROUPED_MAX_WORK:
+    if not pointwise and a_shape[1] >= 16 and work < _BATCHED_MAX_WORK:
         # oneDNN reorders its output (about three gradients' size); G > 1 copies the slice's images
         return "grouped", (3 * d * p + (g * (a_shape[1:].numel() + out_shape[1:].numel()) if g > 1 else 0)) * elt
     return "loop", 0

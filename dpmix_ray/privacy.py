@@ -86,7 +86,8 @@ def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, de
         return float(acc.get_epsilon(delta))
     _check_relation(accountant, neighbouring)
     if accountant == "rdp":  # Opacus's RDPAccountant, with its curve for one step computed once per (σ, q)
-        eps, _ = opacus_rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=_rdp_one_step(noise_multiplier, sample_rate) * steps, delta=delta)
+        curve = _rdp_one_step(noise_multiplier, sample_rate) * steps
+        eps, _ = opacus_rdp.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=curve, delta=delta)
         return float(eps)
     acc = create_accountant(mechanism=accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
